@@ -1,0 +1,77 @@
+//! The `backend` binary: flags, config, identity, then [`backend::server::run`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use backend::config::{self, Config};
+use backend::identity::Identity;
+use backend::routes::AppState;
+use clap::Parser;
+use tokio::net::TcpListener;
+
+/// An HTTP service that answers with the name of the pod that served the request.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// The JSON config file (the mounted ConfigMap in Kubernetes).
+    #[arg(long, env = "BACKEND_CONFIG", default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+    /// Listen on this port instead of the config's `port`.
+    #[arg(long)]
+    port: Option<u16>,
+    /// The address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    host: IpAddr,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    common::telemetry::init();
+
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("backend: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = SocketAddr::new(cli.host, cli.port.unwrap_or(config.port));
+    let listener = match TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("backend: cannot listen on {addr}: {error} (choose another with --port)");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let (identity, missing) = Identity::from_env(
+        |name| std::env::var(name).ok(),
+        &config.service_name,
+        cli.host,
+    );
+    if !missing.is_empty() {
+        tracing::info!(
+            ?missing,
+            pod_name = identity.pod_name,
+            pod_ip = identity.pod_ip,
+            "Downward API variables unset (not in Kubernetes?): using the hostname and listen address instead"
+        );
+    }
+    tracing::info!(config = %cli.config.display(), ?identity, "starting");
+
+    match backend::server::run(
+        listener,
+        AppState::new(identity),
+        common::shutdown::signal_received(),
+    )
+    .await
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("backend: serving failed: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

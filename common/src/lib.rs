@@ -1,0 +1,21 @@
+//! What the `backend` and the `loadbalancer` binaries share.
+//!
+//! Both binaries read a JSON config file mounted from a ConfigMap, log to
+//! stdout the same way, and stop on the same signals, so that code lives here
+//! once.
+//!
+//! # Layout
+//!
+//! - [`config`]: read a JSON config file into a typed struct, with errors that
+//!   name the file, the field and the line.
+//! - [`telemetry`]: one logging setup (`RUST_LOG`, `LOG_FORMAT=json`).
+//! - [`shutdown`]: a future that completes on SIGTERM or Ctrl-C.
+//! - `testkit` (feature `testkit`, tests only): start the real binaries, wait
+//!   for them, poll with a bound, talk HTTP.
+
+pub mod config;
+pub mod shutdown;
+pub mod telemetry;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
