@@ -17,7 +17,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use std::convert::Infallible;
+
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::{HeaderMap, Request, StatusCode};
 use hyper_util::client::legacy::Client;
@@ -39,11 +42,15 @@ pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap().to_owned();
     let path = profile_dir.join(name);
-    let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
+    // A failed build panics with the lock held; later callers just retry.
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if !built.iter().any(|b| b == name) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "--bin", name]);
+        build.args(["build", "--quiet", "--package", name, "--bin", name]);
         if profile_dir.ends_with("release") {
             build.arg("--release");
         }
@@ -231,10 +238,20 @@ impl Reply {
     }
 }
 
+/// Any request body: [`Full`] for a fixed one, [`streaming_body`] for one
+/// sent piece by piece (chunked).
+pub type TestBody = BoxBody<Bytes, Infallible>;
+
+/// A request body fed through the returned sender, sent chunked.
+pub fn streaming_body() -> (http_body_util::channel::Sender<Bytes>, TestBody) {
+    let (sender, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
+    (sender, body.boxed())
+}
+
 /// A keep-alive HTTP/1.1 client for tests.
 #[derive(Debug, Clone)]
 pub struct Http {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpConnector, TestBody>,
 }
 
 impl Default for Http {
@@ -251,10 +268,13 @@ impl Http {
     }
 
     /// Sends `request` and collects the whole response.
-    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Reply, String> {
+    pub async fn send<B>(&self, request: Request<B>) -> Result<Reply, String>
+    where
+        B: hyper::body::Body<Data = Bytes, Error = Infallible> + Send + Sync + 'static,
+    {
         let response = self
             .client
-            .request(request)
+            .request(request.map(BodyExt::boxed))
             .await
             .map_err(|e| format!("{e:?}"))?;
         let (parts, body) = response.into_parts();

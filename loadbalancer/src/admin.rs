@@ -1,0 +1,103 @@
+//! The admin listener: health for Kubernetes, and a look inside.
+//!
+//! It runs on its own port (`adminPort`, default 8081) so that no path on the
+//! proxied port is reserved: every request there goes to a backend.
+//!
+//! - `GET /healthz`: liveness, 200 while the process runs.
+//! - `GET /readyz`: readiness. 503 until discovery has delivered the first
+//!   full list of backends, and again from the moment shutdown starts, so
+//!   Kubernetes stops sending us new traffic before we stop accepting it.
+//! - `GET /backends`: the current snapshot, and which backends are cooling
+//!   down after failures.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use crate::balancer::Balancer;
+
+/// Whether we should receive traffic.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    synced: AtomicBool,
+    shutting_down: AtomicBool,
+}
+
+impl Readiness {
+    /// Discovery has delivered its first full list of backends.
+    pub fn mark_synced(&self) {
+        self.synced.store(true, Relaxed);
+    }
+
+    /// Shutdown has started: fail readiness from now on.
+    pub fn mark_shutting_down(&self) {
+        self.shutting_down.store(true, Relaxed);
+    }
+
+    fn status(&self) -> Result<(), &'static str> {
+        if self.shutting_down.load(Relaxed) {
+            Err("shutting down")
+        } else if !self.synced.load(Relaxed) {
+            Err("waiting for the first list of backends")
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct AdminState {
+    readiness: Arc<Readiness>,
+    balancer: Arc<Balancer>,
+}
+
+/// The admin routes.
+pub fn app(readiness: Arc<Readiness>, balancer: Arc<Balancer>) -> Router {
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
+        .route("/readyz", get(readyz))
+        .route("/backends", get(backends))
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                Json(json!({ "error": "admin routes: /healthz, /readyz, /backends" })),
+            )
+        })
+        .with_state(AdminState {
+            readiness,
+            balancer,
+        })
+}
+
+async fn readyz(State(state): State<AdminState>) -> (StatusCode, Json<Value>) {
+    match state.readiness.status() {
+        Ok(()) => (
+            StatusCode::OK,
+            Json(
+                json!({ "status": "ready", "backends": state.balancer.snapshot().backends.len() }),
+            ),
+        ),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": reason })),
+        ),
+    }
+}
+
+async fn backends(State(state): State<AdminState>) -> Json<Value> {
+    let snapshot = state.balancer.snapshot();
+    let list: Vec<Value> = snapshot
+        .backends
+        .iter()
+        .map(|b| json!({ "address": b.addr.to_string(), "coolingDown": b.is_cooling_down() }))
+        .collect();
+    Json(json!({ "backends": list }))
+}

@@ -1,0 +1,420 @@
+//! The load balancer's settings: a JSON config file, overridden by flags.
+//!
+//! In Kubernetes the file is the `loadbalancer-config` ConfigMap mounted at
+//! `/etc/config/config.json`. Locally you can skip it entirely:
+//! `loadbalancer --port 8080 --backends 127.0.0.1:9001,127.0.0.1:9002`.
+//! Everything is checked once at startup, so a mistake stops the process with
+//! a message naming the field or flag, instead of surfacing on a request.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use common::config::{ConfigError, invalid};
+use serde::Deserialize;
+
+/// Where the ConfigMap is mounted in the pod.
+pub const DEFAULT_PATH: &str = "/etc/config/config.json";
+
+/// A round-robin HTTP load balancer that discovers its backends from Kubernetes.
+#[derive(Debug, Parser)]
+#[command(version)]
+pub struct Cli {
+    /// The JSON config file. Without this flag, /etc/config/config.json is
+    /// read if it exists and defaults are used if it does not.
+    #[arg(long, env = "LOADBALANCER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Listen for traffic on this port instead of the config's `port`.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Serve /healthz and /readyz on this port instead of the config's `adminPort`.
+    #[arg(long)]
+    pub admin_port: Option<u16>,
+    /// A fixed list of backends (IP:port, comma-separated); implies static discovery.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    pub backends: Option<Vec<String>>,
+    /// The address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: IpAddr,
+}
+
+/// Where the list of backends comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryKind {
+    /// Watch `discovery.k8s.io/v1` EndpointSlices of the backend Service.
+    EndpointSlices,
+    /// Watch the v1 Endpoints object of the backend Service (deprecated API).
+    Endpoints,
+    /// The fixed `backends` list.
+    Static,
+}
+
+/// The config file, as written. Field names are camelCase in JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// Port for proxied traffic.
+    pub port: u16,
+    /// Port for `/healthz`, `/readyz` and `/backends`, kept apart so no
+    /// proxied path is reserved.
+    pub admin_port: u16,
+    pub discovery: DiscoveryKind,
+    /// The Service whose endpoints are the backends.
+    pub backend_service_name: String,
+    /// The backend port, by number.
+    pub backend_port: u16,
+    /// The backend port, by name (as in the Service's `ports[].name`);
+    /// takes precedence over `backendPort` when set.
+    pub backend_port_name: Option<String>,
+    /// The fixed backends for `discovery: "static"`, as `IP:port`.
+    pub backends: Vec<String>,
+    /// How long to wait for a TCP connection to a backend.
+    pub connect_timeout_ms: u64,
+    /// How long to wait for a backend's response headers before answering 504.
+    pub request_timeout_ms: u64,
+    /// How many other backends to try when a connection cannot be made.
+    pub retries: u32,
+    /// The first cool-down of a failing backend; it doubles per failure, up to 30 s.
+    pub cooldown_ms: u64,
+    /// How long an idle keep-alive connection to a backend is kept.
+    pub pool_idle_timeout_ms: u64,
+    /// How long a client may take to send its request headers.
+    pub header_read_timeout_ms: u64,
+    /// On SIGTERM: how long to keep accepting while readiness is failing.
+    pub drain_delay_ms: u64,
+    /// On SIGTERM: how long in-flight requests may take to finish.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            port: 8080,
+            admin_port: 8081,
+            discovery: DiscoveryKind::EndpointSlices,
+            backend_service_name: "backend".into(),
+            backend_port: 8080,
+            backend_port_name: None,
+            backends: Vec::new(),
+            connect_timeout_ms: 1_000,
+            request_timeout_ms: 30_000,
+            retries: 2,
+            cooldown_ms: 1_000,
+            pool_idle_timeout_ms: 30_000,
+            header_read_timeout_ms: 10_000,
+            drain_delay_ms: 1_000,
+            shutdown_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Where the backends come from, checked and ready to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Static(Vec<SocketAddr>),
+    Kubernetes {
+        kind: DiscoveryKind,
+        service: String,
+        port: BackendPort,
+    },
+}
+
+/// Which port of the backend Service to send traffic to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendPort {
+    Number(u16),
+    Name(String),
+}
+
+/// Everything the load balancer needs to run, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub source: Source,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub retries: u32,
+    pub cooldown: Duration,
+    pub pool_idle_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub drain_delay: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+impl Settings {
+    /// Reads the config file named by `cli` (or the default one, if present)
+    /// and applies the flags over it.
+    pub fn load(cli: &Cli) -> Result<Settings, ConfigError> {
+        let (path, file) = match &cli.config {
+            Some(path) => (path.clone(), common::config::load(path)?),
+            None if Path::new(DEFAULT_PATH).exists() => {
+                let path = PathBuf::from(DEFAULT_PATH);
+                let file = common::config::load(&path)?;
+                (path, file)
+            }
+            None => (PathBuf::from("(no config file)"), FileConfig::default()),
+        };
+        Settings::resolve(&path, file, cli)
+    }
+
+    /// Applies the flags in `cli` over `file` and checks the result; `path`
+    /// names the file in errors.
+    pub fn resolve(path: &Path, mut file: FileConfig, cli: &Cli) -> Result<Settings, ConfigError> {
+        file.port = cli.port.unwrap_or(file.port);
+        file.admin_port = cli.admin_port.unwrap_or(file.admin_port);
+        let mut backends_field = "backends";
+        if let Some(backends) = &cli.backends {
+            file.discovery = DiscoveryKind::Static;
+            file.backends = backends.clone();
+            backends_field = "--backends";
+        }
+
+        let source = match file.discovery {
+            DiscoveryKind::Static => {
+                if file.backends.is_empty() {
+                    return Err(invalid(
+                        path,
+                        "backends",
+                        "static discovery needs at least one backend: list them in `backends` or pass --backends",
+                    ));
+                }
+                let addrs = file
+                    .backends
+                    .iter()
+                    .enumerate()
+                    .map(|(i, text)| {
+                        parse_backend(text).map_err(|reason| {
+                            invalid(path, &format!("{backends_field}[{i}]"), reason)
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Source::Static(addrs)
+            }
+            kind => {
+                if !file.backends.is_empty() {
+                    return Err(invalid(
+                        path,
+                        "backends",
+                        "a fixed list is only used with \"discovery\": \"static\"; remove it or set discovery to static",
+                    ));
+                }
+                if file.backend_service_name.trim().is_empty() {
+                    return Err(invalid(
+                        path,
+                        "backendServiceName",
+                        "must name the backend Service",
+                    ));
+                }
+                let port = match file.backend_port_name {
+                    Some(name) if name.trim().is_empty() => {
+                        return Err(invalid(
+                            path,
+                            "backendPortName",
+                            "must not be empty when set",
+                        ));
+                    }
+                    Some(name) => BackendPort::Name(name),
+                    None if file.backend_port == 0 => {
+                        return Err(invalid(
+                            path,
+                            "backendPort",
+                            "must be a port from 1 to 65535",
+                        ));
+                    }
+                    None => BackendPort::Number(file.backend_port),
+                };
+                Source::Kubernetes {
+                    kind,
+                    service: file.backend_service_name,
+                    port,
+                }
+            }
+        };
+
+        if file.port != 0 && file.port == file.admin_port {
+            return Err(invalid(
+                path,
+                "adminPort",
+                format!("must differ from `port` (both are {})", file.port),
+            ));
+        }
+        let positive = |field: &str, ms: u64| {
+            if ms == 0 {
+                Err(invalid(path, field, "must be more than 0"))
+            } else {
+                Ok(Duration::from_millis(ms))
+            }
+        };
+        Ok(Settings {
+            listen: SocketAddr::new(cli.host, file.port),
+            admin_listen: SocketAddr::new(cli.host, file.admin_port),
+            source,
+            connect_timeout: positive("connectTimeoutMs", file.connect_timeout_ms)?,
+            request_timeout: positive("requestTimeoutMs", file.request_timeout_ms)?,
+            retries: file.retries,
+            cooldown: positive("cooldownMs", file.cooldown_ms)?,
+            pool_idle_timeout: positive("poolIdleTimeoutMs", file.pool_idle_timeout_ms)?,
+            header_read_timeout: positive("headerReadTimeoutMs", file.header_read_timeout_ms)?,
+            drain_delay: Duration::from_millis(file.drain_delay_ms),
+            shutdown_timeout: positive("shutdownTimeoutMs", file.shutdown_timeout_ms)?,
+        })
+    }
+}
+
+/// `10.0.0.1:8080` or `[fd00::1]:8080`. Names are not resolved: a backend is
+/// an address, as Kubernetes endpoints are.
+fn parse_backend(text: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = text.trim().parse().map_err(|_| {
+        format!("{text:?} is not an IP:port address (write 127.0.0.1:9001, or [::1]:9001 for IPv6)")
+    })?;
+    if addr.port() == 0 {
+        return Err(format!(
+            "{text:?} has port 0; use the port the backend listens on"
+        ));
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("loadbalancer").chain(args.iter().copied())).unwrap()
+    }
+
+    fn settings(json: &str, args: &[&str]) -> Result<Settings, String> {
+        let path = Path::new("lb.json");
+        common::config::parse::<FileConfig>(path, json)
+            .and_then(|file| Settings::resolve(path, file, &cli(args)))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_watch_the_backend_service_in_kubernetes() {
+        let settings = settings("{}", &[]).unwrap();
+        assert_eq!(settings.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(settings.admin_listen, "0.0.0.0:8081".parse().unwrap());
+        assert_eq!(
+            settings.source,
+            Source::Kubernetes {
+                kind: DiscoveryKind::EndpointSlices,
+                service: "backend".into(),
+                port: BackendPort::Number(8080),
+            }
+        );
+    }
+
+    #[test]
+    fn flags_alone_make_a_static_load_balancer() {
+        let settings = settings(
+            "{}",
+            &[
+                "--port",
+                "9000",
+                "--backends",
+                "127.0.0.1:9001,[::1]:9002",
+                "--host",
+                "127.0.0.1",
+            ],
+        )
+        .unwrap();
+        assert_eq!(settings.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(
+            settings.source,
+            Source::Static(vec![
+                "127.0.0.1:9001".parse().unwrap(),
+                "[::1]:9002".parse().unwrap()
+            ])
+        );
+    }
+
+    #[test]
+    fn the_shipped_local_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.json");
+        let settings = Settings::load(&cli(&["--config", path.to_str().unwrap()])).unwrap();
+        assert!(matches!(settings.source, Source::Static(ref b) if b.len() == 3));
+    }
+
+    #[test]
+    fn a_bad_backend_address_names_its_position() {
+        assert_eq!(
+            settings(r#"{"discovery": "static", "backends": ["127.0.0.1:9001", "localhost:9002"]}"#, &[]),
+            Err("config lb.json: field `backends[1]`: \"localhost:9002\" is not an IP:port address \
+                 (write 127.0.0.1:9001, or [::1]:9001 for IPv6)"
+                .into())
+        );
+        assert_eq!(
+            settings("{}", &["--backends", "127.0.0.1:0"]),
+            Err("config lb.json: field `--backends[0]`: \"127.0.0.1:0\" has port 0; use the port the backend listens on".into())
+        );
+    }
+
+    #[test]
+    fn static_discovery_needs_backends_and_kubernetes_discovery_rejects_them() {
+        let error = settings(r#"{"discovery": "static"}"#, &[]).unwrap_err();
+        assert!(
+            error.contains("field `backends`: static discovery needs at least one backend"),
+            "{error}"
+        );
+        let error = settings(r#"{"backends": ["127.0.0.1:9001"]}"#, &[]).unwrap_err();
+        assert!(
+            error.contains("only used with \"discovery\": \"static\""),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_values_are_named() {
+        let error = settings(r#"{"discovery": "dns"}"#, &[]).unwrap_err();
+        assert!(error.contains("field `discovery`"), "{error}");
+        assert!(error.contains("unknown variant `dns`"), "{error}");
+        let error = settings(r#"{"backendPrt": 80}"#, &[]).unwrap_err();
+        assert!(error.contains("unknown field `backendPrt`"), "{error}");
+        let error = settings(r#"{"port": 70000}"#, &[]).unwrap_err();
+        assert!(
+            error.contains("field `port`") && error.contains("70000"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_values_are_rejected() {
+        assert_eq!(
+            settings(r#"{"requestTimeoutMs": 0}"#, &[]),
+            Err("config lb.json: field `requestTimeoutMs`: must be more than 0".into())
+        );
+        assert_eq!(
+            settings(r#"{"backendPort": 0}"#, &[]),
+            Err("config lb.json: field `backendPort`: must be a port from 1 to 65535".into())
+        );
+        assert_eq!(
+            settings(r#"{"port": 9000, "adminPort": 9000}"#, &[]),
+            Err(
+                "config lb.json: field `adminPort`: must differ from `port` (both are 9000)".into()
+            )
+        );
+    }
+
+    #[test]
+    fn a_port_name_takes_precedence() {
+        let settings = settings(r#"{"backendPortName": "http"}"#, &[]).unwrap();
+        assert!(
+            matches!(settings.source, Source::Kubernetes { port: BackendPort::Name(ref n), .. } if n == "http")
+        );
+    }
+
+    #[test]
+    fn an_explicit_config_file_must_exist() {
+        let error = Settings::load(&cli(&["--config", "/no/such/lb.json"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("reading config /no/such/lb.json: No such file"),
+            "{error}"
+        );
+    }
+}

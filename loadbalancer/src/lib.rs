@@ -1,0 +1,24 @@
+//! The load balancer: discovers backends, picks one per request, proxies.
+//!
+//! Follow a request: [`server`] accepts the connection and hands each request
+//! to [`proxy::Proxy::handle`], which asks the [`balancer`] for the next
+//! backend in the rotation and forwards the request to it over a pooled
+//! connection, streaming the bodies. Beside that, a [`discovery`] source keeps
+//! the balancer's snapshot of backends up to date, and [`admin`] serves the
+//! health endpoints Kubernetes probes.
+//!
+//! # Layout
+//!
+//! - [`config`]: the config file and flags, checked into [`config::Settings`].
+//! - [`discovery`]: where backends come from; publishes whole sets.
+//! - [`balancer`]: the immutable snapshot, round robin, passive health.
+//! - [`proxy`]: the request path: headers, retries, errors, upgrades.
+//! - [`server`]: the accept loop and graceful shutdown.
+//! - [`admin`]: `/healthz`, `/readyz`, `/backends` on the admin port.
+
+pub mod admin;
+pub mod balancer;
+pub mod config;
+pub mod discovery;
+pub mod proxy;
+pub mod server;

@@ -1,0 +1,190 @@
+//! Starting real backends and a real load balancer on loopback, plus raw
+//! sockets for what an HTTP client library would hide or refuse to send.
+#![allow(dead_code, clippy::unwrap_used)] // each test crate uses a part of it
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::Command;
+
+use common::testkit::{PATIENCE, Process, binary};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A running `backend` process.
+pub struct Backend {
+    pub process: Process,
+    pub addr: SocketAddr,
+    pub name: String,
+    _config: tempfile::NamedTempFile,
+}
+
+/// Starts `n` backends named `backend-1` … `backend-n` on ephemeral ports.
+pub fn start_backends(n: usize) -> Vec<Backend> {
+    (1..=n)
+        .map(|i| {
+            let config = write_config(&json!({ "port": 0 }));
+            let name = format!("backend-{i}");
+            let mut command = Command::new(binary("backend"));
+            command
+                .args(["--host", "127.0.0.1", "--config"])
+                .arg(config.path())
+                .env("POD_NAME", &name)
+                .env("POD_IP", "127.0.0.1");
+            let mut process = Process::start(&name, command);
+            let addr = process.listening_on("addr");
+            Backend {
+                process,
+                addr,
+                name,
+                _config: config,
+            }
+        })
+        .collect()
+}
+
+/// A running `loadbalancer` process.
+pub struct LoadBalancer {
+    pub process: Process,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    _config: tempfile::NamedTempFile,
+}
+
+impl LoadBalancer {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+}
+
+/// Starts the load balancer over a static list of `backends`; `extra`
+/// config fields are merged over the test defaults.
+pub fn start_load_balancer(backends: &[SocketAddr], extra: Value) -> LoadBalancer {
+    let mut config = json!({
+        "port": 0,
+        "adminPort": 0,
+        "discovery": "static",
+        "backends": backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+        "drainDelayMs": 200,
+    });
+    config
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    let file = write_config(&config);
+    let mut command = Command::new(binary("loadbalancer"));
+    command
+        .args(["--host", "127.0.0.1", "--config"])
+        .arg(file.path());
+    let mut process = Process::start("loadbalancer", command);
+    let addr = process.listening_on("proxy");
+    let admin = process.listening_on("admin");
+    LoadBalancer {
+        process,
+        addr,
+        admin,
+        _config: file,
+    }
+}
+
+pub fn write_config(config: &Value) -> tempfile::NamedTempFile {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(config.to_string().as_bytes()).unwrap();
+    file
+}
+
+/// Writes `request` as raw bytes and reads until the server closes the
+/// connection (bounded by [`PATIENCE`]).
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
+        .await
+        .expect("server closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// A hand-written upstream that records each request head it reads and
+/// answers with a fixed response, to see exactly what the proxy forwards.
+pub struct RawUpstream {
+    pub addr: SocketAddr,
+    pub heads: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+/// Starts a [`RawUpstream`]; `response` is written after each request head
+/// (or, if `None`, the connection is closed without an answer).
+pub async fn raw_upstream(response: Option<&'static str>) -> RawUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sender, heads) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    let Ok(n) = stream.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buffer.extend_from_slice(&chunk[..n]);
+                    if let Some(end) = find(&buffer, b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
+                        buffer.drain(..end + 4);
+                        let _ = sender.send(head);
+                        match response {
+                            Some(response) => {
+                                if stream.write_all(response.as_bytes()).await.is_err() {
+                                    return;
+                                }
+                            }
+                            None => return,
+                        }
+                    }
+                }
+            });
+        }
+    });
+    RawUpstream { addr, heads }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The value of header `name` in a raw head, if present (first one).
+pub fn raw_header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    raw_headers(head, name).into_iter().next()
+}
+
+/// All values of header `name` in a raw head.
+pub fn raw_headers<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
+    head.lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .filter(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+        .collect()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so bodies are not all zeros.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
