@@ -6,8 +6,7 @@ use clap::Parser;
 use loadbalancer::config::{Cli, Settings};
 use loadbalancer::server::{self, Listeners};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     common::telemetry::init();
 
@@ -15,14 +14,41 @@ async fn main() -> ExitCode {
         Ok(settings) => settings,
         Err(error) => return fail(&error),
     };
-    let listeners = match Listeners::bind(&settings).await {
-        Ok(listeners) => listeners,
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
         Err(error) => return fail(&error),
     };
-    match server::run(settings, listeners, common::shutdown::signal_received()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => fail(&error),
-    }
+    runtime.block_on(async {
+        let listeners = match Listeners::bind(&settings).await {
+            Ok(listeners) => listeners,
+            Err(error) => return fail(&error),
+        };
+        // Spawned, so the accept loop runs on a worker beside the connections
+        // instead of handing each new connection to another thread.
+        let serving = tokio::spawn(server::run(
+            settings,
+            listeners,
+            common::shutdown::signal_received(),
+        ));
+        match serving.await {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(error)) => fail(&error),
+            Err(error) => fail(&error),
+        }
+    })
+}
+
+/// One worker thread per CPU we may run on (a container's CPU limit or
+/// `taskset` included). On one CPU, a single-threaded runtime does the same
+/// work without handing tasks between threads.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut builder = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder.enable_all().build()
 }
 
 /// User errors are one line on stderr and exit code 1, never a panic.

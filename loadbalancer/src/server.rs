@@ -78,7 +78,7 @@ impl Listeners {
 pub async fn run(
     settings: Settings,
     listeners: Listeners,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), DiscoveryError> {
     let balancer = Arc::new(Balancer::new(settings.cooldown));
     let readiness = Arc::new(Readiness::default());
@@ -134,7 +134,7 @@ async fn accept_until(
     http: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
     proxy: &Arc<Proxy>,
-    mut until: std::pin::Pin<Box<dyn Future<Output = ()> + '_>>,
+    mut until: std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>,
 ) {
     loop {
         let (stream, peer) = tokio::select! {
