@@ -31,11 +31,15 @@ use serde_json::Value;
 /// How long a test waits for anything before it fails.
 pub const PATIENCE: Duration = Duration::from_secs(15);
 
-/// The path of a workspace binary, built first if needed.
+/// The path of a workspace binary, built first if it is missing or older
+/// than its sources.
 ///
 /// Integration tests of one crate may start the binaries of another (the
-/// load balancer's tests start real backends), so this asks cargo to build
-/// the binary once per test process; that is a no-op when it is fresh.
+/// load balancer's tests start real backends). `cargo test --workspace`
+/// builds every binary already; building again here with `cargo build` would
+/// resolve dev-dependency features differently and recompile half the tree,
+/// so it is only done when needed (say after `cargo test -p loadbalancer`
+/// following a change to the backend).
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
     // Test executables live in target/<profile>/deps/.
@@ -47,7 +51,7 @@ pub fn binary(name: &str) -> PathBuf {
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if !built.iter().any(|b| b == name) {
+    if !built.iter().any(|b| b == name) && is_stale(&path, name) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
         build.args(["build", "--quiet", "--package", name, "--bin", name]);
@@ -56,9 +60,38 @@ pub fn binary(name: &str) -> PathBuf {
         }
         let status = build.status().expect("running cargo build");
         assert!(status.success(), "cargo build --bin {name} failed");
-        built.push(name.to_owned());
     }
+    built.push(name.to_owned());
     path
+}
+
+/// Whether `binary` is missing or older than any source of the workspace
+/// crates it is built from (its own crate and `common`).
+fn is_stale(binary: &std::path::Path, name: &str) -> bool {
+    let Ok(built_at) = binary.metadata().and_then(|m| m.modified()) else {
+        return true;
+    };
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let mut dirs = vec![workspace.join(name), workspace.join("common")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                if !path.ends_with("target") {
+                    dirs.push(path);
+                }
+            } else if entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t > built_at)
+            {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// A running child process whose JSON log lines are collected.
@@ -122,8 +155,24 @@ impl Process {
         self.stderr.lock().unwrap().clone()
     }
 
-    /// Waits (bounded) for a log line with this `message` that satisfies `matches`.
+    /// Waits (bounded) for a log line whose message starts with `message`
+    /// and that satisfies `matches`.
     pub fn wait_for_log(&mut self, message: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        self.wait_for_log_since(0, message, matches)
+    }
+
+    /// How many lines have been logged so far, for [`Process::wait_for_log_since`].
+    pub fn mark(&self) -> usize {
+        self.stdout.lock().unwrap().len()
+    }
+
+    /// Like [`Process::wait_for_log`], but only lines logged after `mark`.
+    pub fn wait_for_log_since(
+        &mut self,
+        mark: usize,
+        message: &str,
+        matches: impl Fn(&Value) -> bool,
+    ) -> Value {
         let found = poll(PATIENCE, || {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!(
@@ -133,9 +182,16 @@ impl Process {
                     self.stderr()
                 );
             }
-            self.logs()
-                .into_iter()
-                .find(|l| l["message"] == message && matches(l))
+            let lines = self.stdout.lock().unwrap();
+            lines[mark.min(lines.len())..]
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|l| {
+                    l["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with(message))
+                        && matches(l)
+                })
         });
         found.unwrap_or_else(|| {
             panic!(

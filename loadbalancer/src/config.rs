@@ -115,10 +115,17 @@ impl Default for FileConfig {
 pub enum Source {
     Static(Vec<SocketAddr>),
     Kubernetes {
-        kind: DiscoveryKind,
+        api: WatchedApi,
         service: String,
         port: BackendPort,
     },
+}
+
+/// Which Kubernetes API lists the backend Service's pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchedApi {
+    EndpointSlices,
+    Endpoints,
 }
 
 /// Which port of the backend Service to send traffic to.
@@ -193,7 +200,7 @@ impl Settings {
                     .collect::<Result<Vec<_>, _>>()?;
                 Source::Static(addrs)
             }
-            kind => {
+            kind @ (DiscoveryKind::EndpointSlices | DiscoveryKind::Endpoints) => {
                 if !file.backends.is_empty() {
                     return Err(invalid(
                         path,
@@ -227,7 +234,11 @@ impl Settings {
                     None => BackendPort::Number(file.backend_port),
                 };
                 Source::Kubernetes {
-                    kind,
+                    api: if kind == DiscoveryKind::Endpoints {
+                        WatchedApi::Endpoints
+                    } else {
+                        WatchedApi::EndpointSlices
+                    },
                     service: file.backend_service_name,
                     port,
                 }
@@ -301,7 +312,7 @@ mod tests {
         assert_eq!(
             settings.source,
             Source::Kubernetes {
-                kind: DiscoveryKind::EndpointSlices,
+                api: WatchedApi::EndpointSlices,
                 service: "backend".into(),
                 port: BackendPort::Number(8080),
             }

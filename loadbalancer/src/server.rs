@@ -82,7 +82,7 @@ pub async fn run(
 ) -> Result<(), DiscoveryError> {
     let balancer = Arc::new(Balancer::new(settings.cooldown));
     let readiness = Arc::new(Readiness::default());
-    discovery::start(&settings.source, balancer.clone(), readiness.clone())?;
+    discovery::start(&settings.source, balancer.clone(), readiness.clone()).await?;
     let proxy = Arc::new(Proxy::new(balancer.clone(), &settings));
 
     let address = |listener: &TcpListener| {

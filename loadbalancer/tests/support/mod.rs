@@ -43,6 +43,35 @@ pub fn start_backends(n: usize) -> Vec<Backend> {
         .collect()
 }
 
+/// Backends as pods: each on its own loopback IP `127.0.<net>.<i>`, all on
+/// one port, as pods share a container port but not an IP. `net` keeps
+/// tests that run at the same time apart. Returns the backends and the port.
+pub fn start_pods(net: u8, n: usize) -> (Vec<Backend>, u16) {
+    let mut pods: Vec<Backend> = Vec::new();
+    let mut port = 0;
+    for i in 1..=n {
+        let ip = format!("127.0.{net}.{i}");
+        let config = write_config(&json!({ "port": port }));
+        let name = format!("pod-{net}-{i}");
+        let mut command = Command::new(binary("backend"));
+        command
+            .args(["--host", &ip, "--config"])
+            .arg(config.path())
+            .env("POD_NAME", &name)
+            .env("POD_IP", &ip);
+        let mut process = Process::start(&name, command);
+        let addr = process.listening_on("addr");
+        port = addr.port();
+        pods.push(Backend {
+            process,
+            addr,
+            name,
+            _config: config,
+        });
+    }
+    (pods, port)
+}
+
 /// A running `loadbalancer` process.
 pub struct LoadBalancer {
     pub process: Process,
@@ -65,21 +94,32 @@ impl LoadBalancer {
 /// config fields are merged over the test defaults.
 pub fn start_load_balancer(backends: &[SocketAddr], extra: Value) -> LoadBalancer {
     let mut config = json!({
-        "port": 0,
-        "adminPort": 0,
         "discovery": "static",
         "backends": backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
-        "drainDelayMs": 200,
     });
     config
         .as_object_mut()
         .unwrap()
         .extend(extra.as_object().unwrap().clone());
-    let file = write_config(&config);
+    start_load_balancer_with(config, &[])
+}
+
+/// Starts the load balancer with `config` (over test defaults: ephemeral
+/// ports, a short drain) and extra environment variables.
+pub fn start_load_balancer_with(config: Value, env: &[(&str, &str)]) -> LoadBalancer {
+    let mut full = json!({ "port": 0, "adminPort": 0, "drainDelayMs": 200 });
+    full.as_object_mut()
+        .unwrap()
+        .extend(config.as_object().unwrap().clone());
+    let file = write_config(&full);
     let mut command = Command::new(binary("loadbalancer"));
     command
         .args(["--host", "127.0.0.1", "--config"])
         .arg(file.path());
+    command.env_remove("NAMESPACE").env_remove("POD_NAMESPACE");
+    for (name, value) in env {
+        command.env(name, value);
+    }
     let mut process = Process::start("loadbalancer", command);
     let addr = process.listening_on("proxy");
     let admin = process.listening_on("admin");

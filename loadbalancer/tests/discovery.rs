@@ -1,0 +1,444 @@
+//! Kubernetes discovery, end to end, without a cluster: the real
+//! `loadbalancer` binary reaches a fake API server through an ordinary
+//! kubeconfig (`KUBECONFIG`), exactly as it reaches a real one, and real
+//! `backend` processes stand in for pods, each on its own loopback IP.
+
+#![allow(clippy::unwrap_used, deprecated)] // a test crate; v1 Endpoints is under test
+
+#[path = "support/fake_apiserver.rs"]
+mod fake_apiserver;
+mod support;
+
+use std::collections::BTreeMap;
+
+use common::testkit::{Http, PATIENCE, poll};
+use fake_apiserver::{FakeApiServer, meta};
+use k8s_openapi::api::core::v1::{
+    EndpointAddress, EndpointPort as CorePort, EndpointSubset, Endpoints,
+};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use serde_json::json;
+use support::*;
+
+const NAMESPACE: &str = "lb-test";
+
+/// An API server, its kubeconfig, and a load balancer watching it.
+struct Cluster {
+    api: FakeApiServer,
+    lb: LoadBalancer,
+    _kubeconfig: tempfile::NamedTempFile,
+}
+
+async fn cluster(discovery: &str, port: u16, before_start: impl FnOnce(&FakeApiServer)) -> Cluster {
+    let api = FakeApiServer::start(NAMESPACE).await;
+    before_start(&api);
+    let kubeconfig = api.kubeconfig("kubeconfig-namespace-not-used");
+    let lb = start_load_balancer_with(
+        json!({ "discovery": discovery, "backendServiceName": "backend", "backendPort": port }),
+        &[
+            ("KUBECONFIG", kubeconfig.path().to_str().unwrap()),
+            ("POD_NAMESPACE", NAMESPACE),
+        ],
+    );
+    Cluster {
+        api,
+        lb,
+        _kubeconfig: kubeconfig,
+    }
+}
+
+/// An endpoint's conditions: (ready, serving, terminating).
+type Conditions = (Option<bool>, Option<bool>, Option<bool>);
+
+/// An EndpointSlice of the `backend` Service listing `pods` with their conditions.
+fn slice(name: &str, port: u16, pods: &[(&Backend, Conditions)]) -> EndpointSlice {
+    EndpointSlice {
+        metadata: meta(name, &[("kubernetes.io/service-name", "backend")]),
+        address_type: "IPv4".into(),
+        endpoints: Some(
+            pods.iter()
+                .map(|(pod, (ready, serving, terminating))| Endpoint {
+                    addresses: vec![pod.addr.ip().to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: *ready,
+                        serving: *serving,
+                        terminating: *terminating,
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(port.into()),
+            ..Default::default()
+        }]),
+    }
+}
+
+const READY: Conditions = (Some(true), Some(true), Some(false));
+const NOT_READY: Conditions = (Some(false), Some(false), Some(false));
+const TERMINATING_SERVING: Conditions = (Some(false), Some(true), Some(true));
+
+fn ready_slice(name: &str, port: u16, pods: &[&Backend]) -> EndpointSlice {
+    let pods: Vec<_> = pods.iter().map(|p| (*p, READY)).collect();
+    slice(name, port, &pods)
+}
+
+/// Sends `n` requests and counts the answers by pod name.
+async fn spread(lb: &LoadBalancer, n: usize) -> BTreeMap<String, usize> {
+    let http = Http::new();
+    let mut counts = BTreeMap::new();
+    for _ in 0..n {
+        let reply = http.get(&lb.url("/")).await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        *counts
+            .entry(reply.json()["podName"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    counts
+}
+
+fn evenly(pods: &[&Backend], each: usize) -> BTreeMap<String, usize> {
+    pods.iter().map(|p| (p.name.clone(), each)).collect()
+}
+
+fn wait_for_backends(lb: &mut LoadBalancer, since: usize, total: usize) {
+    lb.process
+        .wait_for_log_since(since, "backends changed", |l| l["total"] == total);
+}
+
+#[tokio::test]
+async fn discovered_backends_share_the_traffic_evenly() {
+    let (pods, port) = start_pods(10, 3);
+    let all: Vec<&Backend> = pods.iter().collect();
+    let mut c = cluster("endpointslices", port, |api| {
+        api.apply_slice(ready_slice("backend-abc", port, &all))
+    })
+    .await;
+    wait_for_backends(&mut c.lb, 0, 3);
+    assert_eq!(
+        Http::new().get(&c.lb.admin_url("/readyz")).await.status,
+        200
+    );
+    assert_eq!(spread(&c.lb, 90).await, evenly(&all, 30));
+}
+
+#[tokio::test]
+async fn scaling_up_and_down_changes_the_rotation() {
+    let (pods, port) = start_pods(11, 5);
+    let pick = |idx: &[usize]| idx.iter().map(|&i| &pods[i]).collect::<Vec<_>>();
+    let mut c = cluster("endpointslices", port, |api| {
+        api.apply_slice(ready_slice("backend-abc", port, &pick(&[0, 1, 2])))
+    })
+    .await;
+    wait_for_backends(&mut c.lb, 0, 3);
+    assert_eq!(spread(&c.lb, 30).await, evenly(&pick(&[0, 1, 2]), 10));
+
+    let mark = c.lb.process.mark();
+    c.api
+        .apply_slice(ready_slice("backend-abc", port, &pick(&[0, 1, 2, 3, 4])));
+    let change =
+        c.lb.process
+            .wait_for_log_since(mark, "backends changed", |l| l["total"] == 5);
+    assert_eq!(change["added"], 2);
+    assert_eq!(
+        spread(&c.lb, 50).await,
+        evenly(&pick(&[0, 1, 2, 3, 4]), 10),
+        "new pods receive traffic"
+    );
+
+    let mark = c.lb.process.mark();
+    c.api
+        .apply_slice(ready_slice("backend-abc", port, &pick(&[1, 3])));
+    let change =
+        c.lb.process
+            .wait_for_log_since(mark, "backends changed", |l| l["total"] == 2);
+    assert_eq!(change["removed"], 3);
+    assert_eq!(
+        spread(&c.lb, 20).await,
+        evenly(&pick(&[1, 3]), 10),
+        "removed pods receive none"
+    );
+}
+
+#[tokio::test]
+async fn a_pod_that_turns_not_ready_is_skipped() {
+    let (pods, port) = start_pods(12, 3);
+    let mut c = cluster("endpointslices", port, |api| {
+        api.apply_slice(ready_slice(
+            "backend-abc",
+            port,
+            &[&pods[0], &pods[1], &pods[2]],
+        ))
+    })
+    .await;
+    wait_for_backends(&mut c.lb, 0, 3);
+    let mark = c.lb.process.mark();
+    c.api.apply_slice(slice(
+        "backend-abc",
+        port,
+        &[(&pods[0], READY), (&pods[1], NOT_READY), (&pods[2], READY)],
+    ));
+    wait_for_backends(&mut c.lb, mark, 2);
+    assert_eq!(spread(&c.lb, 20).await, evenly(&[&pods[0], &pods[2]], 10));
+}
+
+#[tokio::test]
+async fn when_no_pod_is_ready_terminating_but_serving_pods_are_used() {
+    let (pods, port) = start_pods(13, 3);
+    let mut c = cluster("endpointslices", port, |api| {
+        api.apply_slice(slice(
+            "backend-abc",
+            port,
+            &[
+                (&pods[0], TERMINATING_SERVING),
+                (&pods[1], TERMINATING_SERVING),
+                (&pods[2], NOT_READY),
+            ],
+        ))
+    })
+    .await;
+    wait_for_backends(&mut c.lb, 0, 2);
+    assert_eq!(spread(&c.lb, 20).await, evenly(&[&pods[0], &pods[1]], 10));
+}
+
+#[tokio::test]
+async fn slices_of_one_service_are_merged_and_others_ignored() {
+    let (pods, port) = start_pods(14, 4);
+    let mut c = cluster("endpointslices", port, |api| {
+        api.apply_slice(ready_slice("backend-abc", port, &[&pods[0], &pods[1]]));
+        api.apply_slice(ready_slice("backend-def", port, &[&pods[1], &pods[2]]));
+        let mut other = ready_slice("frontend-xyz", port, &[&pods[3]]);
+        other.metadata = meta(
+            "frontend-xyz",
+            &[("kubernetes.io/service-name", "frontend")],
+        );
+        api.apply_slice(other);
+    })
+    .await;
+    wait_for_backends(&mut c.lb, 0, 3);
+    assert_eq!(
+        spread(&c.lb, 30).await,
+        evenly(&[&pods[0], &pods[1], &pods[2]], 10)
+    );
+}
+
+#[tokio::test]
+async fn traffic_keeps_flowing_while_the_api_server_is_away_and_changes_arrive_after() {
+    let (pods, port) = start_pods(15, 3);
+    let mut c = cluster("endpointslices", port, |api| {
+        api.apply_slice(ready_slice("backend-abc", port, &[&pods[0], &pods[1]]))
+    })
+    .await;
+    wait_for_backends(&mut c.lb, 0, 2);
+
+    c.api.stop();
+    c.lb.process.wait_for_log("cannot watch", |_| true);
+    assert_eq!(
+        spread(&c.lb, 20).await,
+        evenly(&[&pods[0], &pods[1]], 10),
+        "last known backends serve"
+    );
+    assert_eq!(
+        Http::new().get(&c.lb.admin_url("/readyz")).await.status,
+        200,
+        "still ready"
+    );
+
+    // Scaled up while the load balancer could not see it.
+    c.api.apply_slice(ready_slice(
+        "backend-abc",
+        port,
+        &[&pods[0], &pods[1], &pods[2]],
+    ));
+    c.api.restart().await;
+    wait_for_backends(&mut c.lb, 0, 3);
+    assert_eq!(
+        spread(&c.lb, 30).await,
+        evenly(&[&pods[0], &pods[1], &pods[2]], 10)
+    );
+}
+
+#[tokio::test]
+async fn an_expired_watch_410_gone_lists_again() {
+    let (pods, port) = start_pods(16, 3);
+    let mut c = cluster("endpointslices", port, |api| {
+        api.apply_slice(ready_slice("backend-abc", port, &[&pods[0], &pods[1]]))
+    })
+    .await;
+    wait_for_backends(&mut c.lb, 0, 2);
+    let lists = c.api.lists();
+
+    // A change the watch never sees, history compacted past it, and the
+    // watch cut: resuming from the old version must get 410, then relist.
+    c.api.apply_slice_unseen(ready_slice(
+        "backend-abc",
+        port,
+        &[&pods[0], &pods[1], &pods[2]],
+    ));
+    c.api.drop_watches();
+    c.lb.process.wait_for_log("watch of endpointslices.discovery.k8s.io (kubernetes.io/service-name=backend) expired (410 Gone)", |_| true);
+    wait_for_backends(&mut c.lb, 0, 3);
+    assert!(c.api.lists() > lists, "listed again");
+}
+
+#[tokio::test]
+async fn bookmarks_and_dropped_watches_change_nothing() {
+    let (pods, port) = start_pods(17, 2);
+    let mut c = cluster("endpointslices", port, |api| {
+        api.apply_slice(ready_slice("backend-abc", port, &[&pods[0], &pods[1]]))
+    })
+    .await;
+    wait_for_backends(&mut c.lb, 0, 2);
+    c.api.bookmark();
+    c.api.drop_watches();
+    // A change after the reconnect still arrives...
+    let mark = c.lb.process.mark();
+    c.api
+        .apply_slice(ready_slice("backend-abc", port, &[&pods[1]]));
+    wait_for_backends(&mut c.lb, mark, 1);
+    // ...and nothing in between was reported as a change.
+    let changes =
+        c.lb.process
+            .logs()
+            .iter()
+            .filter(|l| {
+                l["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("backends changed")
+            })
+            .count();
+    assert_eq!(changes, 2);
+}
+
+#[tokio::test]
+async fn forbidden_logs_one_clear_line_until_rbac_is_fixed() {
+    let (pods, port) = start_pods(18, 2);
+    let mut c = cluster("endpointslices", port, |api| {
+        api.apply_slice(ready_slice("backend-abc", port, &[&pods[0], &pods[1]]));
+        api.set_forbidden(true);
+    })
+    .await;
+    let line = c.lb.process.wait_for_log("forbidden:", |_| true);
+    assert_eq!(line["level"], "ERROR");
+    let message = line["message"].as_str().unwrap();
+    for part in [
+        "may not list endpointslices.discovery.k8s.io",
+        "in namespace lb-test",
+        "k8s/loadbalancer-rbac.yaml",
+    ] {
+        assert!(message.contains(part), "{part:?} missing from: {message}");
+    }
+    let readyz = Http::new().get(&c.lb.admin_url("/readyz")).await;
+    assert_eq!(readyz.status, 503);
+    assert_eq!(
+        readyz.json()["status"],
+        "waiting for the first list of backends"
+    );
+    assert_eq!(Http::new().get(&c.lb.url("/")).await.status, 503);
+
+    // Retries go on, but the line is not repeated.
+    poll(PATIENCE, || (c.api.lists() >= 3).then_some(())).expect("retries");
+    let forbidden =
+        c.lb.process
+            .logs()
+            .iter()
+            .filter(|l| l["message"].as_str().unwrap_or("").starts_with("forbidden"))
+            .count();
+    assert_eq!(forbidden, 1);
+
+    c.api.set_forbidden(false);
+    wait_for_backends(&mut c.lb, 0, 2);
+    assert_eq!(
+        Http::new().get(&c.lb.admin_url("/readyz")).await.status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn deleting_the_slices_gives_503_until_they_return() {
+    let (pods, port) = start_pods(19, 2);
+    let mut c = cluster("endpointslices", port, |api| {
+        api.apply_slice(ready_slice("backend-abc", port, &[&pods[0], &pods[1]]))
+    })
+    .await;
+    wait_for_backends(&mut c.lb, 0, 2);
+    let mark = c.lb.process.mark();
+    c.api.delete_slice("backend-abc");
+    wait_for_backends(&mut c.lb, mark, 0);
+    let reply = Http::new().get(&c.lb.url("/")).await;
+    assert_eq!(reply.status, 503);
+    assert!(
+        reply.json()["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("no backend is available")
+    );
+
+    let mark = c.lb.process.mark();
+    c.api
+        .apply_slice(ready_slice("backend-abc", port, &[&pods[0], &pods[1]]));
+    wait_for_backends(&mut c.lb, mark, 2);
+    assert_eq!(spread(&c.lb, 10).await, evenly(&[&pods[0], &pods[1]], 5));
+}
+
+fn endpoints_object(port: u16, ready: &[&Backend], not_ready: &[&Backend]) -> Endpoints {
+    let addresses = |pods: &[&Backend]| {
+        Some(
+            pods.iter()
+                .map(|p| EndpointAddress {
+                    ip: p.addr.ip().to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+        )
+    };
+    Endpoints {
+        metadata: meta("backend", &[]),
+        subsets: Some(vec![EndpointSubset {
+            addresses: addresses(ready),
+            not_ready_addresses: addresses(not_ready),
+            ports: Some(vec![CorePort {
+                name: Some("http".into()),
+                port: port.into(),
+                ..Default::default()
+            }]),
+        }]),
+    }
+}
+
+#[tokio::test]
+async fn the_v1_endpoints_source_follows_ready_addresses() {
+    let (pods, port) = start_pods(20, 3);
+    let mut c = cluster("endpoints", port, |api| {
+        api.apply_endpoints(endpoints_object(port, &[&pods[0], &pods[1]], &[&pods[2]]));
+        // Another Service's Endpoints must be ignored.
+        let mut other = endpoints_object(port, &[&pods[2]], &[]);
+        other.metadata = meta("frontend", &[]);
+        api.apply_endpoints(other);
+    })
+    .await;
+    wait_for_backends(&mut c.lb, 0, 2);
+    assert_eq!(
+        spread(&c.lb, 20).await,
+        evenly(&[&pods[0], &pods[1]], 10),
+        "not-ready excluded"
+    );
+
+    let mark = c.lb.process.mark();
+    c.api
+        .apply_endpoints(endpoints_object(port, &[&pods[0], &pods[1], &pods[2]], &[]));
+    wait_for_backends(&mut c.lb, mark, 3);
+    assert_eq!(
+        spread(&c.lb, 30).await,
+        evenly(&[&pods[0], &pods[1], &pods[2]], 10)
+    );
+
+    let mark = c.lb.process.mark();
+    c.api
+        .apply_endpoints(endpoints_object(port, &[&pods[2]], &[&pods[0], &pods[1]]));
+    wait_for_backends(&mut c.lb, mark, 1);
+    assert_eq!(spread(&c.lb, 5).await, evenly(&[&pods[2]], 5));
+}

@@ -1,0 +1,559 @@
+//! A fake Kubernetes API server: just enough of the real wire protocol for
+//! the load balancer's discovery to run against it unchanged.
+//!
+//! It serves, on `127.0.0.1`, lists and watches of EndpointSlices
+//! (`/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices`) and v1
+//! Endpoints (`/api/v1/namespaces/{ns}/endpoints`):
+//! - a list answers every matching object and the current
+//!   `metadata.resourceVersion`;
+//! - a watch (`?watch=true&resourceVersion=N`) replays the changes after N,
+//!   then streams new ones as newline-delimited `WatchEvent` JSON; a version
+//!   older than the kept history gets an ERROR event with a 410 Status, as a
+//!   real API server does after compaction;
+//! - `labelSelector` (`k=v,...`) and `fieldSelector` (`metadata.name=...`)
+//!   are honoured.
+//!
+//! The test drives it: change objects, drop every watch, forget history
+//! (forcing 410s), answer 403, or go down entirely and come back on the same
+//! port. Objects are k8s-openapi types, serialized as the real server would.
+#![allow(deprecated)] // v1 Endpoints is one of the two APIs under test
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::StreamExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_openapi::api::core::v1::Endpoints;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ListMeta, Status, WatchEvent};
+use k8s_openapi::{List, ListableResource, Metadata};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+/// Which of the two collections a request or change is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Slices,
+    Endpoints,
+}
+
+/// A change, as kept in history and sent to watchers.
+#[derive(Debug, Clone)]
+struct Change {
+    kind: Kind,
+    resource_version: u64,
+    name: String,
+    labels: BTreeMap<String, String>,
+    /// The `WatchEvent` JSON line.
+    line: String,
+}
+
+#[derive(Debug, Clone)]
+enum Broadcast {
+    Change(Change),
+    Bookmark,
+    /// Every open watch ends.
+    CloseWatches,
+}
+
+#[derive(Debug, Default)]
+struct World {
+    resource_version: u64,
+    slices: BTreeMap<String, EndpointSlice>,
+    endpoints: BTreeMap<String, Endpoints>,
+    history: Vec<Change>,
+    /// Watches from a version older than this get 410 Gone.
+    oldest_kept: u64,
+    forbidden: bool,
+    lists: usize,
+}
+
+#[derive(Debug)]
+struct Shared {
+    namespace: String,
+    world: Mutex<World>,
+    broadcast: broadcast::Sender<Broadcast>,
+}
+
+/// The fake API server; stops when dropped.
+///
+/// It runs on a runtime of its own, so it keeps answering while a test
+/// blocks its own thread waiting for a log line.
+pub struct FakeApiServer {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: Mutex<Option<JoinHandle<()>>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl FakeApiServer {
+    /// Starts an API server whose objects live in `namespace`.
+    pub async fn start(namespace: &str) -> FakeApiServer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let shared = Arc::new(Shared {
+            namespace: namespace.to_owned(),
+            world: Mutex::new(World {
+                resource_version: 100,
+                ..World::default()
+            }),
+            broadcast: broadcast::channel(1024).0,
+        });
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let fake = FakeApiServer {
+            addr: listener.local_addr().unwrap(),
+            shared,
+            server: Mutex::new(None),
+            runtime: Some(runtime),
+        };
+        fake.serve(listener);
+        fake
+    }
+
+    /// A kubeconfig file pointing at this server, with `namespace` as the
+    /// context's namespace.
+    pub fn kubeconfig(&self, namespace: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        write!(
+            file,
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters:\n- name: fake\n  cluster:\n    server: http://{addr}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: {namespace}\n\
+             users:\n- name: fake\n  user:\n    token: not-a-real-token\n",
+            addr = self.addr
+        )
+        .unwrap();
+        file
+    }
+
+    /// Creates or replaces an EndpointSlice, notifying watchers.
+    pub fn apply_slice(&self, slice: EndpointSlice) {
+        self.change(Kind::Slices, slice, false);
+    }
+
+    /// Deletes the EndpointSlice `name`, notifying watchers.
+    pub fn delete_slice(&self, name: &str) {
+        self.change(
+            Kind::Slices,
+            EndpointSlice {
+                metadata: meta(name, &[]),
+                ..Default::default()
+            },
+            true,
+        );
+    }
+
+    /// Creates or replaces an Endpoints object, notifying watchers.
+    pub fn apply_endpoints(&self, endpoints: Endpoints) {
+        self.change(Kind::Endpoints, endpoints, false);
+    }
+
+    /// Changes an EndpointSlice while no watcher can see it, and forgets
+    /// the history before it: only a fresh list shows the change.
+    pub fn apply_slice_unseen(&self, slice: EndpointSlice) {
+        let mut world = self.shared.world.lock().unwrap();
+        let version = bump(&mut world);
+        let mut slice = slice;
+        stamp(&mut slice, &self.shared.namespace, version);
+        world
+            .slices
+            .insert(slice.metadata.name.clone().unwrap(), slice);
+        world.history.clear();
+        world.oldest_kept = version + 1;
+    }
+
+    /// Ends every open watch; clients resume from their last version.
+    pub fn drop_watches(&self) {
+        let _ = self.shared.broadcast.send(Broadcast::CloseWatches);
+    }
+
+    /// Sends a BOOKMARK with the current version to every watch.
+    pub fn bookmark(&self) {
+        let _ = self.shared.broadcast.send(Broadcast::Bookmark);
+    }
+
+    /// From now on every request is answered 403 Forbidden (or not).
+    pub fn set_forbidden(&self, forbidden: bool) {
+        self.shared.world.lock().unwrap().forbidden = forbidden;
+        if forbidden {
+            self.drop_watches();
+        }
+    }
+
+    /// How many list requests have been received (refused ones included).
+    pub fn lists(&self) -> usize {
+        self.shared.world.lock().unwrap().lists
+    }
+
+    /// Goes away: the port refuses connections, open ones are cut.
+    pub fn stop(&self) {
+        if let Some(server) = self.server.lock().unwrap().take() {
+            server.abort();
+        }
+        self.drop_watches();
+    }
+
+    /// Comes back on the same port, with the same objects.
+    pub async fn restart(&self) {
+        let listener = std::net::TcpListener::bind(self.addr).unwrap();
+        self.serve(listener);
+    }
+
+    fn serve(&self, listener: std::net::TcpListener) {
+        listener.set_nonblocking(true).unwrap();
+        let app = Router::new()
+            .route(
+                "/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
+                get(slices),
+            )
+            .route("/api/v1/namespaces/{namespace}/endpoints", get(endpoints))
+            .with_state(self.shared.clone());
+        let runtime = self.runtime.as_ref().unwrap();
+        let server = runtime.spawn(async move {
+            let listener = TcpListener::from_std(listener).unwrap();
+            // Connection tasks live in this set, so aborting the server cuts
+            // them too, like a process that dies.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                connections.spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        *self.server.lock().unwrap() = Some(server);
+    }
+
+    fn change<K>(&self, kind: Kind, mut object: K, deleted: bool)
+    where
+        K: Serialize
+            + Clone
+            + Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+        World: Collection<K>,
+    {
+        let mut world = self.shared.world.lock().unwrap();
+        let version = bump(&mut world);
+        stamp(&mut object, &self.shared.namespace, version);
+        let name = object.metadata().name.clone().unwrap();
+        let collection = <World as Collection<K>>::collection(&mut world);
+        let event = if deleted {
+            let Some(mut gone) = collection.remove(&name) else {
+                return;
+            };
+            gone.metadata_mut().resource_version = Some(version.to_string());
+            object = gone;
+            WatchEvent::Deleted(object.clone())
+        } else if collection.insert(name.clone(), object.clone()).is_some() {
+            WatchEvent::Modified(object.clone())
+        } else {
+            WatchEvent::Added(object.clone())
+        };
+        let change = Change {
+            kind,
+            resource_version: version,
+            name,
+            labels: object.metadata().labels.clone().unwrap_or_default(),
+            line: serde_json::to_string(&event).unwrap() + "\n",
+        };
+        world.history.push(change.clone());
+        let _ = self.shared.broadcast.send(Broadcast::Change(change));
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.stop();
+        // Not `drop`: that would block, which an async test may not do.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The two collections, by object type.
+pub trait Collection<K> {
+    fn collection(&mut self) -> &mut BTreeMap<String, K>;
+}
+
+impl Collection<EndpointSlice> for World {
+    fn collection(&mut self) -> &mut BTreeMap<String, EndpointSlice> {
+        &mut self.slices
+    }
+}
+
+impl Collection<Endpoints> for World {
+    fn collection(&mut self) -> &mut BTreeMap<String, Endpoints> {
+        &mut self.endpoints
+    }
+}
+
+fn bump(world: &mut World) -> u64 {
+    world.resource_version += 1;
+    world.resource_version
+}
+
+fn stamp<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
+    object: &mut K,
+    namespace: &str,
+    version: u64,
+) {
+    let metadata = object.metadata_mut();
+    metadata.namespace = Some(namespace.to_owned());
+    metadata.resource_version = Some(version.to_string());
+}
+
+/// Object metadata with a name and labels.
+pub fn meta(
+    name: &str,
+    labels: &[(&str, &str)],
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        name: Some(name.to_owned()),
+        labels: Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Params {
+    watch: Option<bool>,
+    resource_version: Option<String>,
+    label_selector: Option<String>,
+    field_selector: Option<String>,
+}
+
+async fn slices(
+    state: State<Arc<Shared>>,
+    namespace: Path<String>,
+    params: Query<Params>,
+) -> Response {
+    answer::<EndpointSlice>(Kind::Slices, state, namespace, params)
+}
+
+async fn endpoints(
+    state: State<Arc<Shared>>,
+    namespace: Path<String>,
+    params: Query<Params>,
+) -> Response {
+    answer::<Endpoints>(Kind::Endpoints, state, namespace, params)
+}
+
+fn answer<K>(
+    kind: Kind,
+    State(shared): State<Arc<Shared>>,
+    Path(namespace): Path<String>,
+    Query(params): Query<Params>,
+) -> Response
+where
+    K: Serialize
+        + Clone
+        + ListableResource
+        + Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>
+        + Send
+        + 'static,
+    World: Collection<K>,
+{
+    let mut world = shared.world.lock().unwrap();
+    if params.watch != Some(true) {
+        world.lists += 1;
+    }
+    if world.forbidden {
+        let verb = if params.watch == Some(true) {
+            "watch"
+        } else {
+            "list"
+        };
+        let resource = match kind {
+            Kind::Slices => "endpointslices",
+            Kind::Endpoints => "endpoints",
+        };
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!(
+                "{resource} is forbidden: User \"system:serviceaccount:{namespace}:loadbalancer\" \
+                 cannot {verb} resource \"{resource}\" in API group \"\" in the namespace \"{namespace}\""
+            ),
+        );
+    }
+    let selector = Selector::parse(&params);
+    let items_in_namespace = namespace == shared.namespace;
+
+    if params.watch != Some(true) {
+        let version = world.resource_version.to_string();
+        let items: Vec<K> = <World as Collection<K>>::collection(&mut world)
+            .values()
+            .filter(|object| items_in_namespace && selector.matches(object.metadata()))
+            .cloned()
+            .collect();
+        let list = List {
+            items,
+            metadata: ListMeta {
+                resource_version: Some(version),
+                ..Default::default()
+            },
+        };
+        return (
+            [("content-type", "application/json")],
+            serde_json::to_string(&list).unwrap(),
+        )
+            .into_response();
+    }
+
+    let since: u64 = params
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if since + 1 < world.oldest_kept {
+        // As after etcd compaction: the client must list again.
+        let gone: WatchEvent<K> = WatchEvent::ErrorStatus(Status {
+            code: Some(410),
+            reason: Some("Expired".into()),
+            message: Some(format!("too old resource version: {since}")),
+            status: Some("Failure".into()),
+            ..Default::default()
+        });
+        return (
+            [("content-type", "application/json")],
+            serde_json::to_string(&gone).unwrap() + "\n",
+        )
+            .into_response();
+    }
+    let replay: Vec<String> = world
+        .history
+        .iter()
+        .filter(|c| {
+            c.kind == kind
+                && c.resource_version > since
+                && items_in_namespace
+                && selector.matches_change(c)
+        })
+        .map(|c| c.line.clone())
+        .collect();
+    // Subscribe before letting go of the lock, so no change falls between.
+    let receiver = shared.broadcast.subscribe();
+    let current = Arc::new(Mutex::new(world.resource_version));
+    drop(world);
+
+    let shared_for_bookmarks = shared.clone();
+    let live = futures_util::stream::unfold(receiver, move |mut receiver| {
+        let selector = selector.clone();
+        let shared = shared_for_bookmarks.clone();
+        let current = current.clone();
+        async move {
+            loop {
+                match receiver.recv().await {
+                    Ok(Broadcast::Change(c))
+                        if c.kind == kind && items_in_namespace && selector.matches_change(&c) =>
+                    {
+                        *current.lock().unwrap() = c.resource_version;
+                        return Some((c.line, receiver));
+                    }
+                    Ok(Broadcast::Change(_)) => {}
+                    Ok(Broadcast::Bookmark) => {
+                        let version = shared.world.lock().unwrap().resource_version.to_string();
+                        let bookmark: WatchEvent<K> = WatchEvent::Bookmark {
+                            annotations: Default::default(),
+                            resource_version: version,
+                        };
+                        return Some((serde_json::to_string(&bookmark).unwrap() + "\n", receiver));
+                    }
+                    Ok(Broadcast::CloseWatches) | Err(_) => return None,
+                }
+            }
+        }
+    });
+    let lines = futures_util::stream::iter(replay)
+        .chain(live)
+        .map(Ok::<_, std::convert::Infallible>);
+    (
+        [("content-type", "application/json")],
+        Body::from_stream(lines),
+    )
+        .into_response()
+}
+
+fn status(code: StatusCode, reason: &str, message: String) -> Response {
+    let body = Status {
+        code: Some(code.as_u16().into()),
+        reason: Some(reason.into()),
+        message: Some(message),
+        status: Some("Failure".into()),
+        ..Default::default()
+    };
+    (
+        code,
+        [("content-type", "application/json")],
+        serde_json::to_string(&body).unwrap(),
+    )
+        .into_response()
+}
+
+/// `labelSelector` equality terms and `fieldSelector` `metadata.name=`.
+#[derive(Debug, Clone, Default)]
+struct Selector {
+    labels: Vec<(String, String)>,
+    name: Option<String>,
+}
+
+impl Selector {
+    fn parse(params: &Params) -> Selector {
+        let pairs = |text: &Option<String>| -> Vec<(String, String)> {
+            text.iter()
+                .flat_map(|t| t.split(','))
+                .filter_map(|term| term.split_once('='))
+                .map(|(k, v)| {
+                    (
+                        k.trim_end_matches('=').to_owned(),
+                        v.trim_start_matches('=').to_owned(),
+                    )
+                })
+                .collect()
+        };
+        Selector {
+            labels: pairs(&params.label_selector),
+            name: pairs(&params.field_selector)
+                .into_iter()
+                .find(|(k, _)| k == "metadata.name")
+                .map(|(_, v)| v),
+        }
+    }
+
+    fn matches(&self, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+        self.matches_parts(meta.name.as_deref().unwrap_or(""), meta.labels.as_ref())
+    }
+
+    fn matches_change(&self, change: &Change) -> bool {
+        self.matches_parts(&change.name, Some(&change.labels))
+    }
+
+    fn matches_parts(&self, name: &str, labels: Option<&BTreeMap<String, String>>) -> bool {
+        self.name.as_ref().is_none_or(|wanted| wanted == name)
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+    }
+}
