@@ -32,3 +32,4 @@ distribution: ## Send N requests to URL and print the spread over pods (URL=... 
 
 bench: ## Benchmark the load balancer against direct and nginx (installs wrk, nginx)
 	python3 scripts/bench.py
+	cargo bench -p loadbalancer --bench convergence
