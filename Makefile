@@ -2,13 +2,28 @@
 .DEFAULT_GOAL := help
 SHELL := bash
 
+# Images are tagged with the workspace version from Cargo.toml, never :latest.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+BACKEND_IMAGE := lb-demo/backend:$(VERSION)
+LOADBALANCER_IMAGE := lb-demo/loadbalancer:$(VERSION)
+CLUSTER := lb-demo
+NAMESPACE := lb-demo
+KUBECTL := kubectl --namespace $(NAMESPACE)
+
 N ?= 100
 URL ?= http://localhost:8080/
+REPLICAS ?= 5
 
-.PHONY: help demo test build run-backend run-loadbalancer distribution bench
+# $(call need,tool): stop with a clear message when a tool is missing.
+need = @command -v $(1) >/dev/null 2>&1 || { echo "make: '$(1)' is not installed; it is needed for this target (see README: Run it on kind)" >&2; exit 1; }
+
+.PHONY: help demo test build run-backend run-loadbalancer distribution bench \
+        up cluster images load deploy curl port-forward scale logs down
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+# === Local, no cluster ===
 
 demo: ## Local demo, no cluster: 3 backends + load balancer on loopback, distribution printed
 	scripts/demo.sh
@@ -30,6 +45,57 @@ run-loadbalancer: ## Run the load balancer on :8080 over backends on :9001-9003 
 distribution: ## Send N requests to URL and print the spread over pods (URL=... N=...)
 	scripts/distribution.sh "$(URL)" "$(N)"
 
-bench: ## Benchmark the load balancer against direct and nginx (installs wrk, nginx)
+bench: ## Benchmark against direct and nginx, and discovery convergence (installs wrk, nginx)
 	python3 scripts/bench.py
 	cargo bench -p loadbalancer --bench convergence
+
+# === On kind (needs docker, kind, kubectl) ===
+
+up: cluster images load deploy ## Everything: cluster, images, load, deploy
+
+cluster: ## Create the kind cluster (localhost:8080 -> the load balancer's NodePort)
+	$(call need,kind)
+	kind get clusters 2>/dev/null | grep -qx '$(CLUSTER)' || kind create cluster --config kind-config.yaml --name $(CLUSTER)
+
+images: ## Build both images, tagged with the version in Cargo.toml
+	$(call need,docker)
+	docker build --target backend -t $(BACKEND_IMAGE) .
+	docker build --target loadbalancer -t $(LOADBALANCER_IMAGE) .
+
+load: ## Load both images into the kind nodes (no registry needed)
+	$(call need,kind)
+	$(call need,docker)
+	for image in $(BACKEND_IMAGE) $(LOADBALANCER_IMAGE); do \
+	  echo "kind load docker-image $$image --name $(CLUSTER)"; \
+	  kind load docker-image $$image --name $(CLUSTER) && continue; \
+	  echo "kind load docker-image failed (Docker's containerd image store?); retrying through an archive"; \
+	  archive=$$(mktemp) && docker save -o $$archive $$image && \
+	    kind load image-archive $$archive --name $(CLUSTER) && rm -f $$archive || exit 1; \
+	done
+
+deploy: ## Apply k8s/ (kustomize) and wait for both rollouts
+	$(call need,kubectl)
+	kubectl apply -k k8s/
+	$(KUBECTL) rollout status deployment/backend --timeout=180s
+	$(KUBECTL) rollout status deployment/loadbalancer --timeout=180s
+
+curl: ## One request through the load balancer on kind, with headers
+	$(call need,curl)
+	curl -si $(URL)
+
+port-forward: ## Alternative to the NodePort mapping: forward localhost:8080 to the load balancer
+	$(call need,kubectl)
+	$(KUBECTL) port-forward service/loadbalancer 8080:8080
+
+scale: ## Scale the backend Deployment (REPLICAS=n, default 5)
+	$(call need,kubectl)
+	$(KUBECTL) scale deployment/backend --replicas=$(REPLICAS)
+	$(KUBECTL) rollout status deployment/backend --timeout=180s
+
+logs: ## Follow the load balancer's logs
+	$(call need,kubectl)
+	$(KUBECTL) logs deployment/loadbalancer --follow
+
+down: ## Delete the kind cluster
+	$(call need,kind)
+	kind delete cluster --name $(CLUSTER)

@@ -1,0 +1,565 @@
+//! The kind path, checked without Docker or a cluster: every manifest must
+//! parse into its typed Kubernetes object without losing a field, and the
+//! pieces must agree with each other and with what the binaries really do.
+
+#![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use axum::body::Body;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount,
+};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::{Resource, serde::Serialize, serde::de::DeserializeOwned};
+use loadbalancer::config::{BackendPort, Cli, FileConfig, Settings, Source};
+use serde_json::Value;
+use tower::ServiceExt;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("reading {path}: {e}"))
+}
+
+/// The YAML documents of a file.
+fn documents(path: &str) -> Vec<String> {
+    read(path)
+        .split("\n---\n")
+        .map(str::to_owned)
+        .filter(|doc| {
+            doc.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .collect()
+}
+
+/// Parses `doc` into `T` and checks that turning `T` back into JSON gives
+/// exactly the YAML's own data: a misspelled or misplaced field would be
+/// dropped by the typed parse and show up here.
+fn typed<T: DeserializeOwned + Serialize>(path: &str, doc: &str) -> T {
+    let raw: Value =
+        serde_saphyr::from_str(doc).unwrap_or_else(|e| panic!("{path}: not YAML: {e}"));
+    let object: T =
+        serde_saphyr::from_str(doc).unwrap_or_else(|e| panic!("{path}: not a valid object: {e}"));
+    let round_trip = serde_json::to_value(&object).unwrap();
+    assert_eq!(
+        round_trip, raw,
+        "{path}: a field was dropped or changed by the typed parse"
+    );
+    object
+}
+
+fn one<T: DeserializeOwned + Serialize + Resource>(path: &str) -> T {
+    documents(path)
+        .iter()
+        .find(|doc| serde_saphyr::from_str::<Value>(doc).unwrap()["kind"] == T::KIND)
+        .map(|doc| typed(path, doc))
+        .unwrap_or_else(|| panic!("{path}: no {}", T::KIND))
+}
+
+/// All the manifests, typed.
+struct Manifests {
+    backend_config: ConfigMap,
+    backend: Deployment,
+    backend_service: Service,
+    lb_config: ConfigMap,
+    lb: Deployment,
+    lb_service: Service,
+    account: ServiceAccount,
+    role: Role,
+    binding: RoleBinding,
+}
+
+fn manifests() -> Manifests {
+    Manifests {
+        backend_config: one("k8s/backend-configmap.yaml"),
+        backend: one("k8s/backend-deployment.yaml"),
+        backend_service: one("k8s/backend-service.yaml"),
+        lb_config: one("k8s/loadbalancer-configmap.yaml"),
+        lb: one("k8s/loadbalancer-deployment.yaml"),
+        lb_service: one("k8s/loadbalancer-service.yaml"),
+        account: one("k8s/loadbalancer-rbac.yaml"),
+        role: one("k8s/loadbalancer-rbac.yaml"),
+        binding: one("k8s/loadbalancer-rbac.yaml"),
+    }
+}
+
+fn pod(deployment: &Deployment) -> &PodSpec {
+    deployment.spec.template.spec.as_ref().unwrap()
+}
+
+fn container(deployment: &Deployment) -> &Container {
+    let containers = &pod(deployment).containers;
+    assert_eq!(containers.len(), 1, "one container per pod");
+    &containers[0]
+}
+
+fn port_named(container: &Container, name: &str) -> u16 {
+    let port = container
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("container {} has no port named {name}", container.name));
+    u16::try_from(port.container_port).unwrap()
+}
+
+fn config_json(config_map: &ConfigMap) -> &str {
+    config_map
+        .data
+        .as_ref()
+        .unwrap()
+        .get("config.json")
+        .expect("config.json key")
+}
+
+fn backend_config(m: &Manifests) -> backend::config::Config {
+    backend::config::Config::parse(
+        Path::new("k8s/backend-configmap.yaml"),
+        config_json(&m.backend_config),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn lb_settings(m: &Manifests) -> Settings {
+    let path = Path::new("k8s/loadbalancer-configmap.yaml");
+    let file: FileConfig =
+        common::config::parse(path, config_json(&m.lb_config)).unwrap_or_else(|e| panic!("{e}"));
+    let cli = <Cli as clap::Parser>::parse_from(["loadbalancer"]);
+    Settings::resolve(path, file, &cli).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn every_manifest_parses_into_its_typed_object_without_losing_a_field() {
+    let kustomization: Value = serde_saphyr::from_str(&read("k8s/kustomization.yaml")).unwrap();
+    let listed: BTreeSet<String> = kustomization["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_owned())
+        .collect();
+    let on_disk: BTreeSet<String> = std::fs::read_dir(root().join("k8s"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".yaml") && name != "kustomization.yaml")
+        .collect();
+    assert_eq!(
+        listed, on_disk,
+        "kustomization.yaml lists exactly the manifests in k8s/"
+    );
+
+    for file in &listed {
+        let path = format!("k8s/{file}");
+        for doc in documents(&path) {
+            let kind = serde_saphyr::from_str::<Value>(&doc).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            match kind.as_str() {
+                "Namespace" => drop(typed::<Namespace>(&path, &doc)),
+                "ConfigMap" => drop(typed::<ConfigMap>(&path, &doc)),
+                "Deployment" => drop(typed::<Deployment>(&path, &doc)),
+                "Service" => drop(typed::<Service>(&path, &doc)),
+                "ServiceAccount" => drop(typed::<ServiceAccount>(&path, &doc)),
+                "Role" => drop(typed::<Role>(&path, &doc)),
+                "RoleBinding" => drop(typed::<RoleBinding>(&path, &doc)),
+                other => {
+                    panic!("{path}: unexpected kind {other} (nothing cluster-wide belongs here)")
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn services_select_their_own_pods() {
+    let m = manifests();
+    for (service, deployment) in [(&m.backend_service, &m.backend), (&m.lb_service, &m.lb)] {
+        let selector = service.spec.as_ref().unwrap().selector.as_ref().unwrap();
+        let spec = &deployment.spec;
+        let labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap();
+        assert!(!selector.is_empty());
+        for (key, value) in selector {
+            assert_eq!(
+                labels.get(key),
+                Some(value),
+                "Service {:?} selects {key}={value}",
+                service.metadata.name
+            );
+        }
+        assert_eq!(
+            spec.selector.match_labels.as_ref(),
+            Some(selector),
+            "Deployment selector"
+        );
+    }
+}
+
+/// Answers `GET path` on `app` with a status code.
+async fn get(app: axum::Router, path: &str) -> u16 {
+    let request = axum::http::Request::get(path).body(Body::empty()).unwrap();
+    app.oneshot(request).await.unwrap().status().as_u16()
+}
+
+#[tokio::test]
+async fn ports_and_probes_match_what_the_binaries_serve() {
+    let m = manifests();
+
+    // The backend listens on its ConfigMap's port, and its probes hit real routes.
+    let config = backend_config(&m);
+    let backend = container(&m.backend);
+    assert_eq!(port_named(backend, "http"), config.port);
+    let identity = backend::identity::Identity {
+        pod_name: "p".into(),
+        pod_ip: "10.0.0.1".into(),
+        namespace: "n".into(),
+        node_name: None,
+        service_name: config.service_name.clone(),
+    };
+    let app = backend::routes::app(backend::routes::AppState::new(identity));
+    for probe in [&backend.liveness_probe, &backend.readiness_probe] {
+        let http = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(http.port, IntOrString::String("http".into()));
+        assert_eq!(
+            get(app.clone(), http.path.as_deref().unwrap()).await,
+            200,
+            "backend probe {:?}",
+            http.path
+        );
+    }
+    let target = &m
+        .backend_service
+        .spec
+        .as_ref()
+        .unwrap()
+        .ports
+        .as_ref()
+        .unwrap()[0];
+    assert_eq!(target.target_port, Some(IntOrString::String("http".into())));
+
+    // The load balancer listens on its ConfigMap's ports; probes use the admin port.
+    let settings = lb_settings(&m);
+    let lb = container(&m.lb);
+    assert_eq!(port_named(lb, "http"), settings.listen.port());
+    assert_eq!(port_named(lb, "admin"), settings.admin_listen.port());
+    let balancer = std::sync::Arc::new(loadbalancer::balancer::Balancer::new(settings.cooldown));
+    let readiness = std::sync::Arc::new(loadbalancer::admin::Readiness::default());
+    readiness.mark_synced();
+    let admin = loadbalancer::admin::app(readiness, balancer);
+    for probe in [&lb.liveness_probe, &lb.readiness_probe] {
+        let http = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(http.port, IntOrString::String("admin".into()));
+        assert_eq!(
+            get(admin.clone(), http.path.as_deref().unwrap()).await,
+            200,
+            "admin probe {:?}",
+            http.path
+        );
+    }
+    let lb_port = &m.lb_service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+    assert_eq!(
+        lb_port.target_port,
+        Some(IntOrString::String("http".into()))
+    );
+}
+
+#[test]
+fn the_load_balancer_watches_the_backend_service_on_the_pods_port() {
+    let m = manifests();
+    let Source::Kubernetes { service, port, .. } = lb_settings(&m).source else {
+        panic!("the cluster config must use Kubernetes discovery");
+    };
+    assert_eq!(Some(service), m.backend_service.metadata.name);
+    // EndpointSlices list the pods' ports, so backendPort is the container port.
+    assert_eq!(
+        port,
+        BackendPort::Number(port_named(container(&m.backend), "http"))
+    );
+}
+
+#[test]
+fn the_node_port_is_the_one_kind_publishes_on_localhost_8080() {
+    let m = manifests();
+    let node_port = m.lb_service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0]
+        .node_port
+        .unwrap();
+    assert_eq!(
+        m.lb_service.spec.as_ref().unwrap().type_.as_deref(),
+        Some("NodePort")
+    );
+    assert!((30000..=32767).contains(&node_port));
+    let kind: Value = serde_saphyr::from_str(&read("kind-config.yaml")).unwrap();
+    let mapping = &kind["nodes"][0]["extraPortMappings"][0];
+    assert_eq!(kind["nodes"][0]["role"], "control-plane");
+    assert_eq!(mapping["containerPort"], node_port);
+    assert_eq!(mapping["hostPort"], 8080);
+    assert_eq!(mapping["listenAddress"], "127.0.0.1");
+}
+
+#[test]
+#[allow(deprecated)] // v1 Endpoints is one of the two watched APIs
+fn rbac_grants_exactly_list_and_watch_on_what_discovery_watches() {
+    let m = manifests();
+    let granted: BTreeMap<(String, String), Vec<String>> = m
+        .role
+        .rules
+        .iter()
+        .flatten()
+        .flat_map(|rule| {
+            let groups = rule.api_groups.clone().unwrap_or_default();
+            let resources = rule.resources.clone().unwrap_or_default();
+            groups.into_iter().flat_map(move |group| {
+                let verbs = rule.verbs.clone();
+                resources
+                    .clone()
+                    .into_iter()
+                    .map(move |resource| ((group.clone(), resource), verbs.clone()))
+            })
+        })
+        .collect();
+    let watched = |group: &str, resource: &str| {
+        (
+            (group.to_owned(), resource.to_owned()),
+            vec!["list".to_owned(), "watch".to_owned()],
+        )
+    };
+    let expected = BTreeMap::from([
+        watched(EndpointSlice::GROUP, EndpointSlice::URL_PATH_SEGMENT),
+        watched(
+            k8s_openapi::api::core::v1::Endpoints::GROUP,
+            k8s_openapi::api::core::v1::Endpoints::URL_PATH_SEGMENT,
+        ),
+    ]);
+    assert_eq!(granted, expected);
+
+    assert_eq!(
+        m.binding.role_ref.kind, "Role",
+        "namespaced, not a ClusterRole"
+    );
+    assert_eq!(
+        Some(&m.binding.role_ref.name),
+        m.role.metadata.name.as_ref()
+    );
+    let subject = &m.binding.subjects.as_ref().unwrap()[0];
+    assert_eq!(subject.kind, "ServiceAccount");
+    assert_eq!(Some(&subject.name), m.account.metadata.name.as_ref());
+    assert_eq!(
+        pod(&m.lb).service_account_name.as_ref(),
+        m.account.metadata.name.as_ref()
+    );
+}
+
+#[test]
+fn every_pod_runs_with_the_restricted_security_profile() {
+    let m = manifests();
+    for deployment in [&m.backend, &m.lb] {
+        let name = deployment.metadata.name.clone().unwrap();
+        let pod_security = pod(deployment).security_context.as_ref().unwrap();
+        assert_eq!(pod_security.run_as_non_root, Some(true), "{name}");
+        assert_eq!(
+            pod_security.run_as_user,
+            Some(65532),
+            "{name}: the distroless nonroot user"
+        );
+        assert_eq!(
+            pod_security.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault",
+            "{name}"
+        );
+        let security = container(deployment).security_context.as_ref().unwrap();
+        assert_eq!(security.allow_privilege_escalation, Some(false), "{name}");
+        assert_eq!(security.read_only_root_filesystem, Some(true), "{name}");
+        assert_eq!(
+            security.capabilities.as_ref().unwrap().drop,
+            Some(vec!["ALL".to_owned()]),
+            "{name}"
+        );
+    }
+    let namespace: Namespace = one("k8s/namespace.yaml");
+    let labels = namespace.metadata.labels.unwrap();
+    assert_eq!(
+        labels
+            .get("pod-security.kubernetes.io/enforce")
+            .map(String::as_str),
+        Some("restricted")
+    );
+}
+
+#[test]
+fn config_maps_are_mounted_as_directories_and_read_by_the_binaries() {
+    let m = manifests();
+    for (deployment, config_map) in [(&m.backend, &m.backend_config), (&m.lb, &m.lb_config)] {
+        let container = container(deployment);
+        assert_eq!(
+            container.args.as_ref().unwrap(),
+            &["--config", "/etc/config/config.json"]
+        );
+        let mount = &container.volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(mount.mount_path, "/etc/config");
+        assert_eq!(
+            mount.sub_path, None,
+            "subPath mounts never see ConfigMap updates"
+        );
+        let volume = pod(deployment)
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == mount.name)
+            .unwrap();
+        assert_eq!(
+            volume.config_map.as_ref().unwrap().name,
+            config_map.metadata.name.clone().unwrap()
+        );
+    }
+    // Both parse with the binaries' own loaders (the helpers panic otherwise).
+    backend_config(&m);
+    lb_settings(&m);
+}
+
+#[test]
+fn pods_learn_who_they_are_and_shut_down_in_time() {
+    let m = manifests();
+    let env = |deployment: &Deployment| -> BTreeMap<String, String> {
+        container(deployment)
+            .env
+            .iter()
+            .flatten()
+            .map(|e| {
+                (
+                    e.name.clone(),
+                    e.value_from
+                        .as_ref()
+                        .unwrap()
+                        .field_ref
+                        .as_ref()
+                        .unwrap()
+                        .field_path
+                        .clone(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        env(&m.backend),
+        BTreeMap::from([
+            ("POD_NAME".into(), "metadata.name".into()),
+            ("POD_IP".into(), "status.podIP".into()),
+            ("POD_NAMESPACE".into(), "metadata.namespace".into()),
+            ("NODE_NAME".into(), "spec.nodeName".into()),
+        ])
+    );
+    assert_eq!(
+        env(&m.lb),
+        BTreeMap::from([("NAMESPACE".into(), "metadata.namespace".into())])
+    );
+    assert_eq!(pod(&m.backend).automount_service_account_token, Some(false));
+    assert_eq!(m.backend.spec.replicas, Some(3));
+
+    let settings = lb_settings(&m);
+    let pre_stop = container(&m.lb)
+        .lifecycle
+        .as_ref()
+        .unwrap()
+        .pre_stop
+        .as_ref()
+        .unwrap();
+    let sleep = pre_stop
+        .sleep
+        .as_ref()
+        .expect("a sleep action: the image has no shell")
+        .seconds;
+    let needed = sleep as f64 + (settings.drain_delay + settings.shutdown_timeout).as_secs_f64();
+    let grace = pod(&m.lb).termination_grace_period_seconds.unwrap() as f64;
+    assert!(
+        grace > needed,
+        "terminationGracePeriodSeconds {grace} must exceed preStop + drain + shutdown = {needed}"
+    );
+}
+
+#[test]
+fn images_are_versioned_and_agree_with_the_makefile_and_dockerfile() {
+    let m = manifests();
+    let version = env!("CARGO_PKG_VERSION");
+    let makefile = read("Makefile");
+    let dockerfile = read("Dockerfile");
+    let kustomization: Value = serde_saphyr::from_str(&read("k8s/kustomization.yaml")).unwrap();
+    assert!(makefile.contains(
+        r#"VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"#
+    ));
+    assert!(
+        read(".dockerignore").lines().any(|l| l.trim() == "target/"),
+        ".dockerignore keeps target/ out"
+    );
+
+    for (binary, deployment) in [("backend", &m.backend), ("loadbalancer", &m.lb)] {
+        let image = format!("lb-demo/{binary}");
+        let container = container(deployment);
+        assert_eq!(
+            container.image.as_deref(),
+            Some(format!("{image}:{version}").as_str())
+        );
+        assert_eq!(
+            container.image_pull_policy.as_deref(),
+            Some("IfNotPresent"),
+            "kind-loaded images, never pulled"
+        );
+        let variable = format!("{}_IMAGE", binary.to_uppercase());
+        assert!(
+            makefile.contains(&format!("{variable} := {image}:$(VERSION)")),
+            "Makefile {variable}"
+        );
+        assert!(
+            makefile.contains(&format!(
+                "docker build --target {binary} -t $({variable}) ."
+            )),
+            "Makefile builds {binary}"
+        );
+        let tag = kustomization["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == image.as_str())
+            .unwrap();
+        assert_eq!(tag["newTag"], version, "kustomization tag for {image}");
+
+        // The Dockerfile stage of that name ships that binary as its entrypoint.
+        let stage = dockerfile
+            .split("\nFROM ")
+            .find(|stage| {
+                stage
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .ends_with(&format!(" AS {binary}"))
+            })
+            .unwrap_or_else(|| panic!("Dockerfile has no stage {binary}"));
+        assert!(stage.contains(&format!(
+            "COPY --from=builder /src/target/release/{binary} /usr/local/bin/{binary}"
+        )));
+        assert!(stage.contains(&format!("ENTRYPOINT [\"/usr/local/bin/{binary}\"]")));
+        assert!(stage.contains("USER 65532:65532"));
+        assert!(
+            stage.starts_with("gcr.io/distroless/"),
+            "a runtime image without a shell"
+        );
+    }
+    assert!(dockerfile.contains("cargo build --release --locked -p backend -p loadbalancer"));
+}
