@@ -135,6 +135,25 @@ pub enum BackendPort {
     Name(String),
 }
 
+impl BackendPort {
+    /// Whether an endpoint port with this `number` and `name` is the one.
+    pub fn matches(&self, number: u16, name: Option<&str>) -> bool {
+        match self {
+            BackendPort::Number(wanted) => number == *wanted,
+            BackendPort::Name(wanted) => name == Some(wanted.as_str()),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendPort::Number(number) => write!(f, "{number}"),
+            BackendPort::Name(name) => write!(f, "{name:?}"),
+        }
+    }
+}
+
 /// Everything the load balancer needs to run, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {

@@ -76,11 +76,9 @@ pub fn backends<'a>(
 /// The port number of `port` if it is the one we want.
 fn matching(port: &EndpointPort, wanted: &BackendPort) -> Option<u16> {
     let number = u16::try_from(port.port?).ok()?;
-    let matches = match wanted {
-        BackendPort::Number(wanted) => number == *wanted,
-        BackendPort::Name(wanted) => port.name.as_deref() == Some(wanted.as_str()),
-    };
-    matches.then_some(number)
+    wanted
+        .matches(number, port.name.as_deref())
+        .then_some(number)
 }
 
 #[cfg(test)]

@@ -28,11 +28,9 @@ pub fn backends<'a>(
     {
         let port = subset.ports.iter().flatten().find_map(|port| {
             let number = u16::try_from(port.port).ok()?;
-            let matches = match wanted {
-                BackendPort::Number(wanted) => number == *wanted,
-                BackendPort::Name(wanted) => port.name.as_deref() == Some(wanted.as_str()),
-            };
-            matches.then_some(number)
+            wanted
+                .matches(number, port.name.as_deref())
+                .then_some(number)
         });
         let Some(port) = port else { continue };
         // `notReadyAddresses` are deliberately not used.

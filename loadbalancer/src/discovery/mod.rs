@@ -28,7 +28,7 @@ use kube::{Api, Client};
 
 use crate::admin::Readiness;
 use crate::balancer::Balancer;
-use crate::config::{BackendPort, Source, WatchedApi};
+use crate::config::{Source, WatchedApi};
 use kubernetes::Watched;
 
 /// Why discovery could not start.
@@ -120,15 +120,6 @@ pub fn publish(balancer: &Balancer, addrs: &BTreeSet<SocketAddr>) {
             total = change.total,
             "backends changed: {change}"
         );
-    }
-}
-
-impl std::fmt::Display for BackendPort {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            BackendPort::Number(number) => write!(f, "{number}"),
-            BackendPort::Name(name) => write!(f, "{name:?}"),
-        }
     }
 }
 
