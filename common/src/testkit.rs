@@ -226,10 +226,6 @@ impl Process {
         poll(PATIENCE, || self.child.try_wait().unwrap())
             .unwrap_or_else(|| panic!("{} did not exit within {PATIENCE:?}", self.name))
     }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
 }
 
 impl Drop for Process {
