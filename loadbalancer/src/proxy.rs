@@ -132,7 +132,7 @@ impl Proxy {
             );
         }
         let upgrade = upgrade_protocol(request.headers());
-        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
+        let mut client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         let path = parts
             .uri
@@ -146,7 +146,6 @@ impl Proxy {
         let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
         let mut body = (!replayable).then_some(body);
         let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut client_upgrade = client_upgrade;
 
         let (backend, outcome) = loop {
             let Some(backend) = self.balancer.pick(&tried) else {
@@ -200,7 +199,7 @@ impl Proxy {
             tried.push(backend.addr);
         };
 
-        let response = match outcome {
+        let mut response = match outcome {
             Ok(mut response) => {
                 self.balancer.succeeded(&backend);
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -218,7 +217,6 @@ impl Proxy {
             }
             Err(failure) => failure_response(failure, &backend, self.request_timeout),
         };
-        let mut response = response;
         response
             .headers_mut()
             .insert(SERVED_BY, backend.label.clone());
