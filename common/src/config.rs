@@ -28,6 +28,9 @@ pub enum ConfigError {
         location: Location,
         reason: String,
     },
+    /// A command-line flag's value is not acceptable.
+    #[error("{flag}: {reason}")]
+    Flag { flag: String, reason: String },
     /// The file parsed, but a value is not acceptable.
     #[error("config {path}: field `{field}`: {reason}", path = path.display())]
     Invalid {

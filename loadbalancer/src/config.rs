@@ -191,11 +191,9 @@ impl Settings {
     pub fn resolve(path: &Path, mut file: FileConfig, cli: &Cli) -> Result<Settings, ConfigError> {
         file.port = cli.port.unwrap_or(file.port);
         file.admin_port = cli.admin_port.unwrap_or(file.admin_port);
-        let mut backends_field = "backends";
         if let Some(backends) = &cli.backends {
             file.discovery = DiscoveryKind::Static;
             file.backends = backends.clone();
-            backends_field = "--backends";
         }
 
         let source = match file.discovery {
@@ -213,7 +211,14 @@ impl Settings {
                     .enumerate()
                     .map(|(i, text)| {
                         parse_backend(text).map_err(|reason| {
-                            invalid(path, &format!("{backends_field}[{i}]"), reason)
+                            if cli.backends.is_some() {
+                                ConfigError::Flag {
+                                    flag: "--backends".into(),
+                                    reason,
+                                }
+                            } else {
+                                invalid(path, &format!("backends[{i}]"), reason)
+                            }
                         })
                     })
                     .collect::<Result<Vec<_>, _>>()?;
@@ -265,11 +270,15 @@ impl Settings {
         };
 
         if file.port != 0 && file.port == file.admin_port {
-            return Err(invalid(
-                path,
-                "adminPort",
-                format!("must differ from `port` (both are {})", file.port),
-            ));
+            let reason = format!("must differ from the proxy port (both are {})", file.port);
+            return Err(if cli.port.is_some() || cli.admin_port.is_some() {
+                ConfigError::Flag {
+                    flag: "--admin-port".into(),
+                    reason,
+                }
+            } else {
+                invalid(path, "adminPort", reason)
+            });
         }
         let positive = |field: &str, ms: u64| {
             if ms == 0 {
@@ -379,7 +388,10 @@ mod tests {
         );
         assert_eq!(
             settings("{}", &["--backends", "127.0.0.1:0"]),
-            Err("config lb.json: field `--backends[0]`: \"127.0.0.1:0\" has port 0; use the port the backend listens on".into())
+            Err(
+                "--backends: \"127.0.0.1:0\" has port 0; use the port the backend listens on"
+                    .into()
+            )
         );
     }
 
@@ -424,8 +436,12 @@ mod tests {
         assert_eq!(
             settings(r#"{"port": 9000, "adminPort": 9000}"#, &[]),
             Err(
-                "config lb.json: field `adminPort`: must differ from `port` (both are 9000)".into()
+                "config lb.json: field `adminPort`: must differ from the proxy port (both are 9000)".into()
             )
+        );
+        assert_eq!(
+            settings("{}", &["--port", "8081"]),
+            Err("--admin-port: must differ from the proxy port (both are 8081)".into())
         );
     }
 
