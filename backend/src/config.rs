@@ -6,6 +6,7 @@
 //! instead of being ignored.
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::config::ConfigError;
 use serde::Deserialize;
@@ -20,6 +21,10 @@ pub struct Config {
     pub port: u16,
     /// The name this service reports in every answer.
     pub service_name: String,
+    /// How long a client may take to send a request head (or, on an idle
+    /// keep-alive connection, to start the next one) before it is
+    /// disconnected.
+    pub header_read_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -27,6 +32,7 @@ impl Default for Config {
         Config {
             port: 8080,
             service_name: "backend".into(),
+            header_read_timeout_ms: 10_000,
         }
     }
 }
@@ -50,7 +56,18 @@ impl Config {
                 "must not be empty",
             ));
         }
+        common::config::in_range(
+            path,
+            "headerReadTimeoutMs",
+            self.header_read_timeout_ms,
+            1..=600_000,
+            " ms",
+        )?;
         Ok(self)
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
     }
 }
 
@@ -68,7 +85,8 @@ mod tests {
             parse(r#"{"port": 9001, "serviceName": "echo"}"#),
             Ok(Config {
                 port: 9001,
-                service_name: "echo".into()
+                service_name: "echo".into(),
+                header_read_timeout_ms: 10_000,
             })
         );
         assert_eq!(parse("{}"), Ok(Config::default()));
@@ -86,7 +104,7 @@ mod tests {
             parse("{\n  \"prot\": 80\n}"),
             Err(
                 "reading config config.json: field `prot`: line 2, column 8: \
-                 unknown field `prot`, expected `port` or `serviceName`"
+                 unknown field `prot`, expected one of `port`, `serviceName`, `headerReadTimeoutMs`"
                     .into()
             )
         );
@@ -124,6 +142,18 @@ mod tests {
         assert_eq!(
             parse(r#"{"serviceName": " "}"#),
             Err("config config.json: field `serviceName`: must not be empty".into())
+        );
+    }
+
+    #[test]
+    fn the_header_read_timeout_is_bounded() {
+        assert_eq!(
+            parse(r#"{"headerReadTimeoutMs": 0}"#),
+            Err(
+                "config config.json: field `headerReadTimeoutMs`: 0 ms is out of range: \
+                 use 1 ms to 600000 ms"
+                    .into()
+            )
         );
     }
 

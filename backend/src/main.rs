@@ -8,7 +8,6 @@ use backend::config::{self, Config};
 use backend::identity::Identity;
 use backend::routes::AppState;
 use clap::Parser;
-use tokio::net::TcpListener;
 
 /// An HTTP service that answers with the name of the pod that served the request.
 #[derive(Debug, Parser)]
@@ -29,6 +28,7 @@ struct Cli {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     common::telemetry::init();
+    common::shutdown::ignore_hangup();
 
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
@@ -38,7 +38,7 @@ async fn main() -> ExitCode {
         }
     };
     let addr = SocketAddr::new(cli.host, cli.port.unwrap_or(config.port));
-    let listener = match TcpListener::bind(addr).await {
+    let listener = match common::serve::bind(addr, common::serve::DEFAULT_BACKLOG) {
         Ok(listener) => listener,
         Err(error) => {
             eprintln!("backend: cannot listen on {addr}: {error} (choose another with --port)");
@@ -64,6 +64,7 @@ async fn main() -> ExitCode {
     match backend::server::run(
         listener,
         AppState::new(identity),
+        config.header_read_timeout(),
         common::shutdown::signal_received(),
     )
     .await

@@ -199,6 +199,7 @@ async fn status(Path(code): Path<String>) -> Response {
     match code
         .parse::<u16>()
         .ok()
+        .filter(|c| (100..=599).contains(c))
         .and_then(|c| StatusCode::from_u16(c).ok())
     {
         Some(code) if code.is_informational() => {
@@ -451,6 +452,18 @@ mod tests {
             StatusCode::BAD_REQUEST
         );
         assert_eq!(get(&state, "/status/101").await.0, StatusCode::BAD_REQUEST);
+        assert_eq!(get(&state, "/status/599").await.0.as_u16(), 599);
+        for beyond in ["/status/600", "/status/999"] {
+            let (status, body) = get(&state, beyond).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{beyond}");
+            assert!(
+                body["error"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("is not a status code (100-599)"),
+                "{body}"
+            );
+        }
     }
 
     #[tokio::test]

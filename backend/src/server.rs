@@ -4,12 +4,17 @@
 //! real port and waits for SIGTERM, while tests bind `127.0.0.1:0` and stop
 //! the server when they like.
 //!
+//! Connections are served by [`common::serve`], as the load balancer's are:
+//! HTTP/1.1, and a client that does not send its request head within
+//! `headerReadTimeoutMs` is disconnected.
+//!
 //! Shutdown follows what Kubernetes expects: readiness turns 503 first, the
 //! server stops accepting, requests already in flight run to completion, and
 //! only then does the process exit (with 0).
 
-use std::net::SocketAddr;
+use std::time::Duration;
 
+use common::serve::Server;
 use tokio::net::TcpListener;
 
 use crate::routes::{AppState, app};
@@ -19,21 +24,19 @@ use crate::routes::{AppState, app};
 pub async fn run(
     listener: TcpListener,
     state: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    header_read_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
-    let router = app(state.clone());
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        shutdown.await;
-        state.stop_being_ready();
-        tracing::info!("no longer ready; finishing in-flight requests");
-    })
-    .await?;
+    let server = Server::new(header_read_timeout);
+    server
+        .serve_router_until(&listener, app(state.clone()), shutdown)
+        .await;
+    state.stop_being_ready();
+    drop(listener);
+    tracing::info!("no longer ready; finishing in-flight requests");
+    server.finish(None).await;
     tracing::info!("all requests answered, exiting");
     Ok(())
 }

@@ -6,8 +6,16 @@
 //! this loader deny unknown fields, and every error names the file, the field
 //! (as a path such as `backends[1]`) and, where serde knows it, the line and
 //! column.
+//!
+//! The file is not trusted either: only a regular file of at most
+//! [`MAX_BYTES`] is read (a FIFO would block the start for ever, `/dev/zero`
+//! would fill the memory), and [`in_range`] puts an upper bound on every
+//! duration and count, so that no value can make the process hang or sleep
+//! for ever.
 
 use std::fmt;
+use std::io::Read;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -58,13 +66,53 @@ impl fmt::Display for Location {
     }
 }
 
+/// The largest config file read. Real ones are a few hundred bytes; a
+/// ConfigMap may hold at most 1 MiB in all.
+pub const MAX_BYTES: u64 = 1024 * 1024;
+
 /// Reads and parses the config file at `path`.
 pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let read_error = |source| ConfigError::Read {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    let refuse = |reason: String| read_error(std::io::Error::other(reason));
+    // Checked before opening: opening a FIFO for reading blocks until
+    // something writes to it. (Symbolic links are followed, as in a
+    // ConfigMap volume.)
+    let metadata = std::fs::metadata(path).map_err(read_error)?;
+    if !metadata.is_file() {
+        return Err(refuse(format!(
+            "not a regular file (it is {}); a config must be a JSON file",
+            file_kind(&metadata.file_type())
+        )));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_BYTES + 1).read_to_string(&mut text))
+        .map_err(read_error)?;
+    if text.len() as u64 > MAX_BYTES {
+        return Err(refuse(format!(
+            "larger than {} KiB; a config is a small JSON object",
+            MAX_BYTES / 1024
+        )));
+    }
     parse(path, &text)
+}
+
+fn file_kind(file_type: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_fifo() {
+        "a named pipe"
+    } else if file_type.is_char_device() || file_type.is_block_device() {
+        "a device"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    }
 }
 
 /// Parses config `text`; `path` is only used in error messages.
@@ -103,6 +151,30 @@ pub fn invalid(path: &Path, field: &str, reason: impl Into<String>) -> ConfigErr
         path: path.to_owned(),
         field: field.to_owned(),
         reason: reason.into(),
+    }
+}
+
+/// Checks that `value` of `field` lies in `range`, with an error that names
+/// the field and the range. `unit` follows the numbers (such as `" ms"`).
+pub fn in_range(
+    path: &Path,
+    field: &str,
+    value: u64,
+    range: RangeInclusive<u64>,
+    unit: &str,
+) -> Result<u64, ConfigError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(invalid(
+            path,
+            field,
+            format!(
+                "{value}{unit} is out of range: use {}{unit} to {}{unit}",
+                range.start(),
+                range.end()
+            ),
+        ))
     }
 }
 
@@ -161,6 +233,50 @@ mod tests {
     fn invalid_json_and_trailing_garbage_are_errors() {
         assert!(error(r#"{"port": 80"#).contains("EOF while parsing"));
         assert!(error(r#"{"port": 80} x"#).contains("trailing characters"));
+    }
+
+    #[test]
+    fn only_a_small_regular_file_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let message = |path: &Path| load::<Sample>(path).unwrap_err().to_string();
+
+        let fifo = dir.path().join("fifo.json");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        assert_eq!(
+            message(&fifo),
+            format!(
+                "reading config {}: not a regular file (it is a named pipe); a config must be a JSON file \
+                 (pass --config PATH to use another file)",
+                fifo.display()
+            )
+        );
+        assert!(message(Path::new("/dev/zero")).contains("not a regular file (it is a device)"));
+        assert!(message(dir.path()).contains("not a regular file (it is a directory)"));
+
+        let big = dir.path().join("big.json");
+        let mut padded = String::from("{\"port\": 80}");
+        padded.push_str(&" ".repeat(MAX_BYTES as usize));
+        std::fs::write(&big, padded).unwrap();
+        assert!(
+            message(&big).ends_with(
+                "larger than 1024 KiB; a config is a small JSON object (pass --config PATH to use another file)"
+            ),
+            "{}",
+            message(&big)
+        );
+    }
+
+    #[test]
+    fn a_value_out_of_range_names_the_field_and_the_range() {
+        let path = Path::new("lb.json");
+        assert_eq!(in_range(path, "retries", 3, 0..=10, "").unwrap(), 3);
+        assert_eq!(
+            in_range(path, "drainDelayMs", u64::MAX, 0..=600_000, " ms")
+                .unwrap_err()
+                .to_string(),
+            "config lb.json: field `drainDelayMs`: 18446744073709551615 ms is out of range: use 0 ms to 600000 ms"
+        );
     }
 
     #[test]

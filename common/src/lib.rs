@@ -8,12 +8,18 @@
 //!
 //! - [`config`]: read a JSON config file into a typed struct, with errors that
 //!   name the file, the field and the line.
-//! - [`telemetry`]: one logging setup (`RUST_LOG`, `LOG_FORMAT=json`).
-//! - [`shutdown`]: a future that completes on SIGTERM or Ctrl-C.
+//! - [`telemetry`]: one logging setup (`RUST_LOG`, `LOG_FORMAT=json`), and a
+//!   throttle for log lines that can repeat in a flood.
+//! - [`serve`]: serving HTTP/1.1 on a listener with the limits every
+//!   listener needs (header read timeout, head size, backlog), and graceful
+//!   shutdown.
+//! - [`shutdown`]: a future that completes on SIGTERM or Ctrl-C; SIGHUP
+//!   ignored instead of fatal.
 //! - `testkit` (feature `testkit`, tests only): start the real binaries, wait
 //!   for them, poll with a bound, talk HTTP.
 
 pub mod config;
+pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -4,6 +4,10 @@
 //! `terminationGracePeriodSeconds`, then sending SIGKILL. A person at a
 //! terminal presses Ctrl-C (SIGINT). Both mean "finish what you are doing
 //! and exit", so both complete the same future.
+//!
+//! SIGHUP is different: by convention (nginx, HAProxy) it means "read your
+//! config again", yet its default action kills the process on the spot,
+//! dropping every request in flight. [`ignore_hangup`] replaces that.
 
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -20,5 +24,24 @@ pub async fn signal_received() {
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM received, shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C received, shutting down"),
+    }
+}
+
+/// From now on SIGHUP no longer kills the process: it is logged and ignored,
+/// since there is no live config reload (yet) to run. Call it first thing
+/// inside the runtime.
+pub fn ignore_hangup() {
+    match signal(SignalKind::hangup()) {
+        Ok(mut hangups) => {
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    tracing::warn!(
+                        "SIGHUP received and ignored: live config reload is not built yet; \
+                         restart the process to apply a new config"
+                    );
+                }
+            });
+        }
+        Err(error) => tracing::warn!(%error, "cannot handle SIGHUP; it would stop the process"),
     }
 }

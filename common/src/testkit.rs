@@ -210,9 +210,24 @@ impl Process {
 
     /// Sends SIGTERM, as Kubernetes does to stop a pod.
     pub fn terminate(&self) {
-        use nix::sys::signal::{Signal, kill};
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        use nix::sys::signal::kill;
         use nix::unistd::Pid;
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
+        kill(Pid::from_raw(self.pid() as i32), signal).unwrap();
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 
     /// Sends SIGKILL: the process dies without any cleanup, as on a crash.

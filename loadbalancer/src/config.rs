@@ -5,14 +5,17 @@
 //! `loadbalancer --port 8080 --backends 127.0.0.1:9001,127.0.0.1:9002`.
 //! Everything is checked once at startup, so a mistake stops the process with
 //! a message naming the field or flag, instead of surfacing on a request.
+//! Every duration and count has an upper bound too ([`LIMITS`]): a drain
+//! delay of 584 million years is a typo, not a wish.
 
 use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use common::config::{ConfigError, invalid};
-use serde::Deserialize;
+use common::config::{ConfigError, in_range, invalid};
+use serde::{Deserialize, Serialize};
 
 /// Where the ConfigMap is mounted in the pod.
 pub const DEFAULT_PATH: &str = "/etc/config/config.json";
@@ -40,7 +43,7 @@ pub struct Cli {
 }
 
 /// Where the list of backends comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DiscoveryKind {
     /// Watch `discovery.k8s.io/v1` EndpointSlices of the backend Service.
@@ -52,7 +55,7 @@ pub enum DiscoveryKind {
 }
 
 /// The config file, as written. Field names are camelCase in JSON.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct FileConfig {
     /// Port for proxied traffic.
@@ -82,6 +85,11 @@ pub struct FileConfig {
     pub pool_idle_timeout_ms: u64,
     /// How long a client may take to send its request headers.
     pub header_read_timeout_ms: u64,
+    /// How long a body (the client's upload or the backend's answer) may
+    /// send nothing before the exchange is ended.
+    pub body_idle_timeout_ms: u64,
+    /// The kernel's queue of connections not yet accepted.
+    pub listen_backlog: u64,
     /// On SIGTERM: how long to keep accepting while readiness is failing.
     pub drain_delay_ms: u64,
     /// On SIGTERM: how long in-flight requests may take to finish.
@@ -104,6 +112,8 @@ impl Default for FileConfig {
             cooldown_ms: 1_000,
             pool_idle_timeout_ms: 30_000,
             header_read_timeout_ms: 10_000,
+            body_idle_timeout_ms: 60_000,
+            listen_backlog: u64::from(common::serve::DEFAULT_BACKLOG),
             drain_delay_ms: 1_000,
             shutdown_timeout_ms: 30_000,
         }
@@ -166,6 +176,8 @@ pub struct Settings {
     pub cooldown: Duration,
     pub pool_idle_timeout: Duration,
     pub header_read_timeout: Duration,
+    pub body_idle_timeout: Duration,
+    pub listen_backlog: u32,
     pub drain_delay: Duration,
     pub shutdown_timeout: Duration,
 }
@@ -280,28 +292,50 @@ impl Settings {
                 invalid(path, "adminPort", reason)
             });
         }
-        let positive = |field: &str, ms: u64| {
-            if ms == 0 {
-                Err(invalid(path, field, "must be more than 0"))
-            } else {
-                Ok(Duration::from_millis(ms))
-            }
+        let checked = |field: &str, value: u64| {
+            let range = LIMITS
+                .iter()
+                .find(|(name, _)| *name == field)
+                .map_or(0..=u64::MAX, |(_, range)| range.clone());
+            let unit = if field.ends_with("Ms") { " ms" } else { "" };
+            in_range(path, field, value, range, unit)
         };
+        let ms = |field: &str, value: u64| checked(field, value).map(Duration::from_millis);
         Ok(Settings {
             listen: SocketAddr::new(cli.host, file.port),
             admin_listen: SocketAddr::new(cli.host, file.admin_port),
             source,
-            connect_timeout: positive("connectTimeoutMs", file.connect_timeout_ms)?,
-            request_timeout: positive("requestTimeoutMs", file.request_timeout_ms)?,
-            retries: file.retries,
-            cooldown: positive("cooldownMs", file.cooldown_ms)?,
-            pool_idle_timeout: positive("poolIdleTimeoutMs", file.pool_idle_timeout_ms)?,
-            header_read_timeout: positive("headerReadTimeoutMs", file.header_read_timeout_ms)?,
-            drain_delay: Duration::from_millis(file.drain_delay_ms),
-            shutdown_timeout: positive("shutdownTimeoutMs", file.shutdown_timeout_ms)?,
+            connect_timeout: ms("connectTimeoutMs", file.connect_timeout_ms)?,
+            request_timeout: ms("requestTimeoutMs", file.request_timeout_ms)?,
+            retries: checked("retries", u64::from(file.retries))? as u32,
+            cooldown: ms("cooldownMs", file.cooldown_ms)?,
+            pool_idle_timeout: ms("poolIdleTimeoutMs", file.pool_idle_timeout_ms)?,
+            header_read_timeout: ms("headerReadTimeoutMs", file.header_read_timeout_ms)?,
+            body_idle_timeout: ms("bodyIdleTimeoutMs", file.body_idle_timeout_ms)?,
+            listen_backlog: checked("listenBacklog", file.listen_backlog)? as u32,
+            drain_delay: ms("drainDelayMs", file.drain_delay_ms)?,
+            shutdown_timeout: ms("shutdownTimeoutMs", file.shutdown_timeout_ms)?,
         })
     }
 }
+
+const MINUTE: u64 = 60_000;
+const HOUR: u64 = 60 * MINUTE;
+
+/// The allowed range of every duration (in ms) and count in the file.
+pub const LIMITS: [(&str, RangeInclusive<u64>); 10] = [
+    ("connectTimeoutMs", 1..=MINUTE),
+    ("requestTimeoutMs", 1..=HOUR),
+    ("retries", 0..=10),
+    // The cool-down doubles up to 30 s, so a longer first one means nothing.
+    ("cooldownMs", 1..=30_000),
+    ("poolIdleTimeoutMs", 1..=HOUR),
+    ("headerReadTimeoutMs", 1..=10 * MINUTE),
+    ("bodyIdleTimeoutMs", 1..=HOUR),
+    ("listenBacklog", 1..=65_535),
+    ("drainDelayMs", 0..=10 * MINUTE),
+    ("shutdownTimeoutMs", 1..=HOUR),
+];
 
 /// `10.0.0.1:8080` or `[fd00::1]:8080`. Names are not resolved: a backend is
 /// an address, as Kubernetes endpoints are.
@@ -427,7 +461,22 @@ mod tests {
     fn out_of_range_values_are_rejected() {
         assert_eq!(
             settings(r#"{"requestTimeoutMs": 0}"#, &[]),
-            Err("config lb.json: field `requestTimeoutMs`: must be more than 0".into())
+            Err(
+                "config lb.json: field `requestTimeoutMs`: 0 ms is out of range: use 1 ms to 3600000 ms"
+                    .into()
+            )
+        );
+        assert_eq!(
+            settings(r#"{"drainDelayMs": 18446744073709551615}"#, &[]),
+            Err(
+                "config lb.json: field `drainDelayMs`: 18446744073709551615 ms is out of range: \
+                 use 0 ms to 600000 ms"
+                    .into()
+            )
+        );
+        assert_eq!(
+            settings(r#"{"retries": 4294967295}"#, &[]),
+            Err("config lb.json: field `retries`: 4294967295 is out of range: use 0 to 10".into())
         );
         assert_eq!(
             settings(r#"{"backendPort": 0}"#, &[]),
@@ -442,6 +491,32 @@ mod tests {
         assert_eq!(
             settings("{}", &["--port", "8081"]),
             Err("--admin-port: must differ from the proxy port (both are 8081)".into())
+        );
+    }
+
+    #[test]
+    fn every_number_in_the_file_has_a_bounded_range() {
+        let defaults = serde_json::to_value(FileConfig::default()).unwrap();
+        for (field, range) in LIMITS {
+            assert!(defaults.get(field).is_some(), "{field} is a config field");
+            let default = defaults[field].as_u64().unwrap();
+            assert!(range.contains(&default), "{field}'s default is allowed");
+            let above = format!("{{\"{field}\": {}}}", range.end() + 1);
+            let error = settings(&above, &[]).unwrap_err();
+            assert!(error.contains(&format!("field `{field}`")), "{error}");
+        }
+        let numbers = defaults
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(name, value)| {
+                value.is_u64() && !["port", "adminPort", "backendPort"].contains(&name.as_str())
+            })
+            .count();
+        assert_eq!(
+            numbers,
+            LIMITS.len(),
+            "every duration and count is in LIMITS"
         );
     }
 

@@ -12,8 +12,11 @@
 //! - [`config`]: the config file and flags, checked into [`config::Settings`].
 //! - [`discovery`]: where backends come from; publishes whole sets.
 //! - [`balancer`]: the immutable snapshot, round robin, passive health.
-//! - [`proxy`]: the request path: headers, retries, errors, upgrades.
-//! - [`server`]: the accept loop and graceful shutdown.
+//! - [`proxy`]: the request path: retries, errors and whose fault they are,
+//!   upgrades; `proxy/headers.rs` rewrites headers, `proxy/body.rs` times
+//!   the bodies.
+//! - [`server`]: the two listeners (through `common::serve`) and graceful
+//!   shutdown.
 //! - [`admin`]: `/healthz`, `/readyz`, `/backends` on the admin port.
 
 pub mod admin;

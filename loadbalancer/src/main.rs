@@ -18,8 +18,10 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => return fail(&error),
     };
+    raise_file_limit();
     runtime.block_on(async {
-        let listeners = match Listeners::bind(&settings).await {
+        common::shutdown::ignore_hangup();
+        let listeners = match Listeners::bind(&settings) {
             Ok(listeners) => listeners,
             Err(error) => return fail(&error),
         };
@@ -49,6 +51,22 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         tokio::runtime::Builder::new_multi_thread()
     };
     builder.enable_all().build()
+}
+
+/// Every client connection and every backend connection is a file
+/// descriptor. The soft limit is often 1024, far below the hard limit that
+/// the system allows, so raise it to the hard limit at startup, as nginx
+/// (`worker_rlimit_nofile`) and HAProxy do.
+fn raise_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open file limit"),
+            Err(error) => tracing::warn!(soft, hard, %error, "cannot raise the open file limit"),
+        },
+        Ok((soft, _)) => tracing::info!(limit = soft, "open file limit"),
+        Err(error) => tracing::warn!(%error, "cannot read the open file limit"),
+    }
 }
 
 /// User errors are one line on stderr and exit code 1, never a panic.

@@ -3,8 +3,9 @@
 //!
 //! Each accepted connection is served by hyper (HTTP/1.1, with upgrades) on
 //! its own task, with [`Proxy::handle`] answering every request on it. The
-//! connections are registered with a `GracefulShutdown` so that shutdown can
-//! wait for them.
+//! listeners, limits and connection tracking are [`common::serve`]'s, shared
+//! with the backend: a client that does not send a request head within
+//! `headerReadTimeoutMs` is disconnected, on the admin port too.
 //!
 //! Shutdown, in the order Kubernetes needs it:
 //! 1. SIGTERM: `/readyz` starts failing. The endpoint controller takes a
@@ -18,12 +19,9 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
+use common::serve::Server;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::admin::{self, Readiness};
@@ -31,10 +29,6 @@ use crate::balancer::Balancer;
 use crate::config::Settings;
 use crate::discovery::{self, DiscoveryError};
 use crate::proxy::Proxy;
-
-/// The largest request head (request line and headers) we accept; beyond it
-/// the client gets 431. nginx allows 32 KiB by default.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// The two listening sockets, bound before anything else starts so that a
 /// port in use is reported at once.
@@ -57,9 +51,10 @@ pub struct BindError {
 }
 
 impl Listeners {
-    pub async fn bind(settings: &Settings) -> Result<Listeners, BindError> {
-        let bind = |addr: SocketAddr, role, flag| async move {
-            TcpListener::bind(addr).await.map_err(|source| BindError {
+    /// Binds both ports; must run inside the runtime.
+    pub fn bind(settings: &Settings) -> Result<Listeners, BindError> {
+        let bind = |addr: SocketAddr, role, flag| {
+            common::serve::bind(addr, settings.listen_backlog).map_err(|source| BindError {
                 addr,
                 role,
                 flag,
@@ -67,8 +62,8 @@ impl Listeners {
             })
         };
         Ok(Listeners {
-            proxy: bind(settings.listen, "proxy", "port").await?,
-            admin: bind(settings.admin_listen, "admin", "admin-port").await?,
+            proxy: bind(settings.listen, "proxy", "port")?,
+            admin: bind(settings.admin_listen, "admin", "admin-port")?,
         })
     }
 }
@@ -92,76 +87,52 @@ pub async fn run(
     };
     let (proxy_addr, admin_addr) = (address(&listeners.proxy), address(&listeners.admin));
     let admin_app = admin::app(readiness.clone(), balancer);
+    let admin_server = Server::new(settings.header_read_timeout);
     // The admin listener lives until the process exits, so /readyz keeps
     // answering 503 throughout the drain.
     tokio::spawn(async move {
-        if let Err(error) = axum::serve(listeners.admin, admin_app).await {
-            tracing::error!(%error, "admin listener failed");
-        }
+        admin_server
+            .serve_router_until(&listeners.admin, admin_app, std::future::pending())
+            .await;
     });
-    tracing::info!(proxy = proxy_addr, admin = admin_addr, "listening");
+    tracing::info!(
+        proxy = proxy_addr,
+        admin = admin_addr,
+        backlog = settings.listen_backlog,
+        "listening"
+    );
 
-    let mut http = auto::Builder::new(TokioExecutor::new()).http1_only();
-    http.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(MAX_HEAD_BYTES);
-    let graceful = GracefulShutdown::new();
-    let accept = |until| accept_until(&listeners.proxy, &http, &graceful, &proxy, until);
+    let server = Server::new(settings.header_read_timeout);
+    let service_for = |peer: SocketAddr| {
+        let proxy = proxy.clone();
+        service_fn(move |request| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(request, peer).await) }
+        })
+    };
 
-    accept(Box::pin(shutdown)).await;
+    server
+        .serve_until(&listeners.proxy, service_for, shutdown)
+        .await;
     readiness.mark_shutting_down();
     tracing::info!(drain_delay = ?settings.drain_delay, "readiness now failing; still accepting during the drain delay");
-    accept(Box::pin(tokio::time::sleep(settings.drain_delay))).await;
+    server
+        .serve_until(
+            &listeners.proxy,
+            service_for,
+            tokio::time::sleep(settings.drain_delay),
+        )
+        .await;
     drop(listeners.proxy);
 
     tracing::info!(
-        connections = graceful.count(),
+        connections = server.connections(),
         "stopped accepting; waiting for in-flight requests"
     );
-    match tokio::time::timeout(settings.shutdown_timeout, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("all requests answered, exiting"),
-        Err(_) => {
-            tracing::warn!(timeout = ?settings.shutdown_timeout, "in-flight requests still running at the shutdown timeout; exiting anyway")
-        }
+    if server.finish(Some(settings.shutdown_timeout)).await {
+        tracing::info!("all requests answered, exiting");
+    } else {
+        tracing::warn!(timeout = ?settings.shutdown_timeout, "in-flight requests still running at the shutdown timeout; exiting anyway");
     }
     Ok(())
-}
-
-/// Accepts and serves connections until `until` completes.
-async fn accept_until(
-    listener: &TcpListener,
-    http: &auto::Builder<TokioExecutor>,
-    graceful: &GracefulShutdown,
-    proxy: &Arc<Proxy>,
-    mut until: std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>,
-) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = &mut until => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Usually out of file descriptors: back off instead of
-                    // spinning, and keep serving the connections we have.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        let service = service_fn(move |request| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(request, peer).await) }
-        });
-        let connection = http.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, error = %error, "connection ended with an error");
-            }
-        });
-    }
 }

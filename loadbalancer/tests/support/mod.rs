@@ -22,25 +22,33 @@ pub struct Backend {
 /// Starts `n` backends named `backend-1` … `backend-n` on ephemeral ports.
 pub fn start_backends(n: usize) -> Vec<Backend> {
     (1..=n)
-        .map(|i| {
-            let config = write_config(&json!({ "port": 0 }));
-            let name = format!("backend-{i}");
-            let mut command = Command::new(binary("backend"));
-            command
-                .args(["--host", "127.0.0.1", "--config"])
-                .arg(config.path())
-                .env("POD_NAME", &name)
-                .env("POD_IP", "127.0.0.1");
-            let mut process = Process::start(&name, command);
-            let addr = process.listening_on("addr");
-            Backend {
-                process,
-                addr,
-                name,
-                _config: config,
-            }
-        })
+        .map(|i| start_backend_named(&format!("backend-{i}"), json!({ "port": 0 })))
         .collect()
+}
+
+/// Starts one backend with `config` (`"port": 0` for an ephemeral port).
+pub fn start_backend_with(config: Value) -> Backend {
+    start_backend_named("backend-1", config)
+}
+
+fn start_backend_named(name: &str, config: Value) -> Backend {
+    let config = write_config(&config);
+    let mut command = Command::new(binary("backend"));
+    command
+        .args(["--host", "127.0.0.1", "--config"])
+        .arg(config.path())
+        .env("POD_NAME", name)
+        .env("POD_IP", "127.0.0.1")
+        // Debug lines include `work started`, for tests that wait for it.
+        .env("RUST_LOG", "debug");
+    let mut process = Process::start(name, command);
+    let addr = process.listening_on("addr");
+    Backend {
+        process,
+        addr,
+        name: name.to_owned(),
+        _config: config,
+    }
 }
 
 /// Backends as pods: each on its own loopback IP `127.0.<net>.<i>`, all on
@@ -81,6 +89,20 @@ pub struct LoadBalancer {
 }
 
 impl LoadBalancer {
+    pub fn new(
+        process: Process,
+        addr: SocketAddr,
+        admin: SocketAddr,
+        config: tempfile::NamedTempFile,
+    ) -> LoadBalancer {
+        LoadBalancer {
+            process,
+            addr,
+            admin,
+            _config: config,
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
@@ -195,6 +217,71 @@ pub async fn raw_upstream(response: Option<&'static str>) -> RawUpstream {
         }
     });
     RawUpstream { addr, heads }
+}
+
+/// An upstream that accepts connections and reads whatever comes, but never
+/// answers: a backend that hangs.
+pub async fn silent_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut sink = Vec::new();
+                let _ = stream.read_to_end(&mut sink).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Connects to `addr`, sends `bytes` (maybe nothing), and waits (bounded
+/// by [`PATIENCE`]) for the server to close the connection. Returns what it
+/// sent back, or `None` if it kept the connection open.
+pub async fn wait_for_close(addr: SocketAddr, bytes: &[u8]) -> Option<String> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read_all = async {
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => response.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, read_all).await.ok()?;
+    Some(String::from_utf8_lossy(&response).into_owned())
+}
+
+/// Reads one response from `stream`: its head and, when it has a
+/// Content-Length, its body (bounded by [`PATIENCE`]). The connection stays
+/// open for the next request.
+pub async fn read_response(stream: &mut TcpStream) -> String {
+    let mut buffer = Vec::new();
+    let read = async {
+        loop {
+            if let Some(end) = find(&buffer, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buffer[..end + 2]).into_owned();
+                let length: usize = raw_header(&head, "content-length")
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(0);
+                if buffer.len() >= end + 4 + length {
+                    return;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, read)
+        .await
+        .expect("a response within PATIENCE");
+    String::from_utf8_lossy(&buffer).into_owned()
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
