@@ -13,6 +13,7 @@ use bytes::Bytes;
 use common::testkit::{Http, PATIENCE, Process, binary, poll_async, streaming_body};
 use http_body_util::Full;
 use hyper::Request;
+use nix::sys::signal::Signal;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use support::*;
@@ -322,4 +323,230 @@ fn bad_config_and_busy_ports_stop_startup_with_a_clear_message() {
         "{stderr}"
     );
     assert!(stderr.contains("--port"), "{stderr}");
+}
+
+// === Broken backends ===
+
+#[tokio::test]
+async fn a_content_length_beside_chunked_encoding_never_truncates_the_body() {
+    // RFC 9112, 6.3: Transfer-Encoding wins, the 5 is wrong.
+    let upstream = raw_upstream(Some(
+        "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n\
+         14\r\nABCDEFGHIJKLMNOPQRST\r\n0\r\n\r\n",
+    ))
+    .await;
+    let lb = start_load_balancer(&[upstream.addr], json!({}));
+    let reply = Http::new().get(&lb.url("/")).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, "ABCDEFGHIJKLMNOPQRST");
+    assert_eq!(reply.header("content-length"), None);
+}
+
+#[tokio::test]
+async fn a_101_to_a_request_that_did_not_ask_to_upgrade_is_a_502() {
+    let upstream = raw_upstream(Some(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    ))
+    .await;
+    let lb = start_load_balancer(&[upstream.addr], json!({}));
+    let http = Http::new();
+    for request in [
+        Request::get(lb.url("/")).body(Full::default()).unwrap(),
+        Request::post(lb.url("/"))
+            .body(Full::new(Bytes::from("data")))
+            .unwrap(),
+    ] {
+        let reply = http.send(request).await.unwrap();
+        assert_eq!(reply.status, 502);
+        assert_eq!(
+            reply.json()["error"],
+            format!(
+                "backend {} failed: it answered 101 Switching Protocols to a request that did not ask to upgrade",
+                upstream.addr
+            )
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_get_to_a_backend_that_answers_garbage_gets_the_real_failure() {
+    let upstream = raw_upstream(Some("\x16\x03\x01 not HTTP")).await;
+    let lb = start_load_balancer(&[upstream.addr], json!({}));
+    let reply = Http::new().get(&lb.url("/")).await;
+    assert_eq!(reply.status, 502, "{:?}", reply.json());
+    let error = reply.json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.starts_with(&format!("backend {} failed: ", upstream.addr)),
+        "{error}"
+    );
+    assert!(error.contains("invalid HTTP"), "names the cause: {error}");
+}
+
+#[tokio::test]
+async fn a_backend_that_stalls_mid_body_is_cut_off_after_the_body_idle_timeout() {
+    // Headers and 3 of 100 body bytes, then nothing.
+    let upstream = raw_upstream(Some("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")).await;
+    let mut lb = start_load_balancer(&[upstream.addr], json!({ "bodyIdleTimeoutMs": 300 }));
+    let answer = wait_for_close(lb.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("the client's connection is closed");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nabc"), "{answer}");
+    let logged = lb
+        .process
+        .wait_for_log("the backend's response body broke off", |_| true);
+    assert_eq!(logged["backend"], upstream.addr.to_string());
+    assert_eq!(logged["error"], "no data for 300 ms (bodyIdleTimeoutMs)");
+}
+
+// === Bad clients ===
+
+#[tokio::test]
+async fn an_upload_that_stalls_gets_408_and_one_that_is_malformed_400() {
+    // A backend that reads but never answers: only the body can end it.
+    let upstream = silent_upstream().await;
+    let mut lb = start_load_balancer(&[upstream], json!({ "bodyIdleTimeoutMs": 300 }));
+
+    let stalled = wait_for_close(
+        lb.addr,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc",
+    )
+    .await
+    .expect("the connection is closed");
+    assert!(stalled.starts_with("HTTP/1.1 408"), "{stalled}");
+    assert!(
+        stalled.contains("the request body stalled: no data for 300 ms (bodyIdleTimeoutMs)"),
+        "{stalled}"
+    );
+
+    let malformed = wait_for_close(
+        lb.addr,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    )
+    .await
+    .expect("the connection is closed");
+    assert!(malformed.starts_with("HTTP/1.1 400"), "{malformed}");
+    assert!(
+        malformed.contains("the request body could not be read"),
+        "{malformed}"
+    );
+    lb.process
+        .wait_for_log("the client's request body failed", |l| {
+            l["level"] == "INFO" && l["error"].as_str().is_some_and(|e| e.contains("chunk"))
+        });
+    assert!(
+        !lb.process
+            .logs()
+            .iter()
+            .any(|l| l["level"] == "WARN" || l["level"] == "ERROR"),
+        "a client's fault is not logged against the backend: {:#?}",
+        lb.process.logs()
+    );
+    let listed = Http::new().get(&lb.admin_url("/backends")).await.json();
+    assert_eq!(listed["backends"][0]["coolingDown"], false);
+}
+
+#[tokio::test]
+async fn an_upload_that_stalls_after_the_backend_answered_is_blamed_on_the_client() {
+    // `/echo` answers at once and streams the upload back as it comes.
+    let backends = start_backends(1);
+    let mut lb = start_load_balancer(&[backends[0].addr], json!({ "bodyIdleTimeoutMs": 300 }));
+    let answer = wait_for_close(
+        lb.addr,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc",
+    )
+    .await
+    .expect("the exchange is ended");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nabc"), "{answer}");
+    lb.process
+        .wait_for_log("the client's request body failed", |l| {
+            l["error"] == "no data for 300 ms (bodyIdleTimeoutMs)"
+        });
+    assert!(
+        !lb.process.logs().iter().any(|l| l["level"] == "WARN"),
+        "nothing is blamed on the backend: {:#?}",
+        lb.process.logs()
+    );
+}
+
+// === Config and signals ===
+
+#[test]
+fn a_config_that_is_not_a_small_regular_file_or_has_a_value_out_of_range_stops_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("lb.json");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let drain_forever = write_config(&json!({ "drainDelayMs": u64::MAX }));
+    let cases = [
+        (
+            fifo.clone(),
+            "not a regular file (it is a named pipe)".to_owned(),
+        ),
+        (
+            "/dev/zero".into(),
+            "not a regular file (it is a device)".to_owned(),
+        ),
+        (
+            drain_forever.path().to_owned(),
+            "field `drainDelayMs`: 18446744073709551615 ms is out of range: use 0 ms to 600000 ms"
+                .to_owned(),
+        ),
+    ];
+    for (path, expected) in cases {
+        for binary_name in ["loadbalancer", "backend"] {
+            if binary_name == "backend" && expected.contains("drainDelayMs") {
+                continue;
+            }
+            let mut command = Command::new(binary(binary_name));
+            command
+                .env("LOADBALANCER_CONFIG", &path)
+                .env("BACKEND_CONFIG", &path);
+            let mut process = Process::start(binary_name, command);
+            assert_eq!(
+                process.wait_exit().code(),
+                Some(1),
+                "{binary_name} {path:?}"
+            );
+            let stderr = process.stderr();
+            assert!(
+                stderr.contains(&format!("{}", path.display())) && stderr.contains(&expected),
+                "{binary_name}: {stderr}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_is_logged_and_ignored_with_requests_in_flight() {
+    let mut backends = start_backends(1);
+    let mut lb = start_load_balancer(&[backends[0].addr], json!({}));
+    let http = Http::new();
+    let slow = tokio::spawn({
+        let (http, url) = (http.clone(), lb.url("/work?ms=1000"));
+        async move { http.get(&url).await }
+    });
+    backends[0].process.wait_for_log("work started", |_| true);
+
+    lb.process.signal(Signal::SIGHUP);
+    backends[0].process.signal(Signal::SIGHUP);
+    lb.process
+        .wait_for_log("SIGHUP received and ignored", |_| true);
+    backends[0]
+        .process
+        .wait_for_log("SIGHUP received and ignored", |_| true);
+
+    assert_eq!(
+        slow.await.unwrap().status,
+        200,
+        "the request in flight finished"
+    );
+    assert_eq!(http.get(&lb.url("/")).await.status, 200);
+    assert!(lb.process.is_running() && backends[0].process.is_running());
 }

@@ -1,25 +1,15 @@
 //! The request path: from a client's request to a backend's response.
 //!
 //! For each request the proxy picks a backend from the current snapshot,
-//! rewrites the headers a proxy must rewrite, and sends the request over a
-//! pooled keep-alive connection. Bodies are streamed both ways, never held
-//! whole in memory, so a 1 GiB upload costs no more than a small one.
+//! rewrites the headers a proxy must rewrite ([`headers`]), and sends the
+//! request over a pooled keep-alive connection. Bodies are streamed both
+//! ways, never held whole in memory, so a 1 GiB upload costs no more than a
+//! small one; each has an idle timeout ([`body`]).
 //!
-//! What gets rewritten, and why:
-//! - Hop-by-hop headers (`Connection` and the headers it names,
-//!   `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`,
-//!   `Upgrade`) describe one TCP connection, not the message, so they are
-//!   dropped in both directions (RFC 9110, section 7.6.1). hyper sets its own
-//!   framing on each side.
-//! - `X-Forwarded-For` gets the client's IP appended, `X-Forwarded-Proto`
-//!   and `X-Forwarded-Host` are set, so the backend knows who asked.
-//! - `Host` is kept as the client sent it: backends see the name the client
-//!   used (as nginx's `proxy_set_header Host $host` does); which backend
-//!   served is in `x-served-by` on the response.
-//! - The request target is rebuilt from the chosen backend and the path. An
-//!   absolute-form target (`GET http://other-host/`) only contributes its
-//!   path: we never connect anywhere but to a backend, so this is not an
-//!   open proxy. `CONNECT` is refused for the same reason.
+//! The request target is rebuilt from the chosen backend and the path. An
+//! absolute-form target (`GET http://other-host/`) only contributes its
+//! path: we never connect anywhere but to a backend, so this is not an open
+//! proxy. `CONNECT` is refused for the same reason.
 //!
 //! When a backend cannot be reached (connection refused, connect timeout),
 //! nothing was sent, so a request without a body is retried on the next
@@ -29,57 +19,50 @@
 //! flat instead). Once a request has been sent, a failure is a 502 and a
 //! backend too slow to answer a 504, with one exception: a bodiless GET,
 //! HEAD or OPTIONS is idempotent, so sending it again is harmless. That is
-//! what saves the requests in flight on a backend that is killed.
+//! what saves the requests in flight on a backend that is killed. When every
+//! attempt failed, the client hears about the last real failure.
+//!
+//! Not every failure is the backend's: a client whose upload is malformed
+//! gets 400 (408 if it stalls), and the load balancer's own shortage of file
+//! descriptors or local ports is a 503 that leaves the backend's health
+//! record alone. See [`Failure`].
 //!
 //! WebSocket and other `Upgrade` requests are forwarded with their upgrade
 //! headers; once the backend answers `101 Switching Protocols`, bytes are
-//! copied both ways between the two upgraded connections.
+//! copied both ways between the two upgraded connections. A 101 to a request
+//! that did not ask to upgrade is a broken backend: 502.
+
+mod body;
+pub mod headers;
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::telemetry::Throttle;
 use http_body_util::{Either, Empty, Full};
 use hyper::body::{Body as _, Incoming};
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::uri::{PathAndQuery, Scheme};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use nix::errno::Errno;
 
 use crate::balancer::{Backend, Balancer};
 use crate::config::Settings;
+use body::{BodyError, Timed, Upload};
+pub use headers::SERVED_BY;
+use headers::{prepare_request_headers, remove_hop_by_hop, restore_upgrade, upgrade_protocol};
 
 /// The body of a response to the client: the backend's, streamed, or our
 /// own JSON error.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<Timed<Incoming>, Full<Bytes>>;
 /// The body of a request to a backend: the client's, streamed, or none.
-type UpstreamBody = Either<Incoming, Empty<Bytes>>;
-
-/// Names the backend that served, so `curl -i` shows the rotation.
-pub const SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Headers that only concern one connection (RFC 9110, section 7.6.1), and
-/// the non-standard `Proxy-Connection` that some clients still send.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    KEEP_ALIVE,
-    PROXY_CONNECTION,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+type UpstreamBody = Either<Timed<Incoming>, Empty<Bytes>>;
 
 /// Sends requests to the backends the [`Balancer`] picks.
 #[derive(Debug)]
@@ -87,15 +70,24 @@ pub struct Proxy {
     balancer: Arc<Balancer>,
     client: Client<HttpConnector, UpstreamBody>,
     request_timeout: Duration,
+    body_idle_timeout: Duration,
     retries: u32,
 }
 
-/// How one attempt to reach a backend ended badly.
+/// How one attempt ended badly, and whose fault it was. Each carries the
+/// cause, as text.
 enum Failure {
-    /// No connection could be made: nothing was sent.
-    Unreachable(hyper_util::client::legacy::Error),
-    /// The request was (maybe partly) sent, but no answer came back.
-    Failed(hyper_util::client::legacy::Error),
+    /// No backend to try: none known, or all cooling down.
+    NoBackend,
+    /// No connection could be made: nothing was sent. The backend's fault.
+    Unreachable(String),
+    /// We ran out of file descriptors or local ports: our own fault, never
+    /// held against a backend.
+    Local(String),
+    /// The client's request body was malformed or stalled: the client's fault.
+    Client(BodyError),
+    /// The request was (maybe partly) sent, but no proper answer came back.
+    Failed(String),
     /// No response headers within the request timeout.
     TimedOut,
 }
@@ -114,6 +106,7 @@ impl Proxy {
             balancer,
             client,
             request_timeout: settings.request_timeout,
+            body_idle_timeout: settings.body_idle_timeout,
             retries: settings.retries,
         }
     }
@@ -144,25 +137,19 @@ impl Proxy {
         // A request with no body can be sent again as it was.
         let replayable = body.is_end_stream();
         let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-        let mut body = (!replayable).then_some(body);
+        let upload = (!replayable).then(Arc::<Upload>::default);
+        let mut body = upload
+            .clone()
+            .map(|upload| Timed::from_client(body, self.body_idle_timeout, peer, upload));
         let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut last_failure = None;
 
-        let (backend, outcome) = loop {
+        let outcome = loop {
             let Some(backend) = self.balancer.pick(&tried) else {
-                let reason = if tried.is_empty() {
-                    "no backend is available: none was discovered, or all are cooling down after failures"
-                } else {
-                    "no backend could be reached: every one tried refused or timed out the connection"
-                };
-                log(
-                    &parts.method,
-                    &parts.uri,
-                    None,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    start,
-                    tried.len(),
-                );
-                return error(StatusCode::SERVICE_UNAVAILABLE, reason);
+                break Err(match last_failure.take() {
+                    Some((backend, failure)) => (Some(backend), failure),
+                    None => (None, Failure::NoBackend),
+                });
             };
             let may_retry = replayable && (tried.len() as u32) < self.retries;
             let headers = if may_retry {
@@ -182,48 +169,36 @@ impl Proxy {
                 upstream_body,
             );
 
-            match self.send(outgoing).await {
-                Ok(response) => break (backend, Ok(response)),
-                Err(Failure::Unreachable(e)) => {
-                    let cooldown = self.balancer.failed(&backend);
-                    tracing::warn!(backend = %backend.addr, ?cooldown, error = %source_chain(&e), "backend unreachable; cooling it down");
-                    if !may_retry {
-                        break (backend, Err(Failure::Unreachable(e)));
-                    }
+            match self.send(outgoing, client_upgrade.is_some()).await {
+                Ok(response) => break Ok((backend, response)),
+                Err(failure) if self.retry_after(&failure, &backend, may_retry, idempotent) => {
+                    tried.push(backend.addr);
+                    last_failure = Some((backend, failure));
                 }
-                Err(Failure::Failed(e)) if idempotent && may_retry => {
-                    tracing::warn!(backend = %backend.addr, error = %source_chain(&e), "backend failed before answering; resending the idempotent request");
-                }
-                Err(failure) => break (backend, Err(failure)),
+                Err(failure) => break Err((Some(backend), failure)),
             }
-            tried.push(backend.addr);
         };
 
-        let mut response = match outcome {
-            Ok(mut response) => {
+        let (backend, mut response) = match outcome {
+            Ok((backend, response)) => {
                 self.balancer.succeeded(&backend);
-                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    if let Some(client_side) = client_upgrade.take() {
-                        let backend_side = hyper::upgrade::on(&mut response);
-                        tokio::spawn(tunnel(client_side, backend_side, backend.addr));
-                    }
-                    let protocol = upgrade_protocol(response.headers());
-                    remove_hop_by_hop(response.headers_mut());
-                    restore_upgrade(response.headers_mut(), protocol.as_ref());
-                } else {
-                    remove_hop_by_hop(response.headers_mut());
-                }
-                response.map(Either::Left)
+                let response = self.relay(response, &backend, client_upgrade.take(), upload);
+                (Some(backend), response)
             }
-            Err(failure) => failure_response(failure, &backend, self.request_timeout),
+            Err((backend, failure)) => {
+                let response = self.failure_response(failure, backend.as_deref());
+                (backend, response)
+            }
         };
-        response
-            .headers_mut()
-            .insert(SERVED_BY, backend.label.clone());
+        if let Some(backend) = &backend {
+            response
+                .headers_mut()
+                .insert(SERVED_BY, backend.label.clone());
+        }
         log(
             &parts.method,
             &parts.uri,
-            Some(backend.addr),
+            backend.map(|b| b.addr),
             response.status(),
             start,
             tried.len(),
@@ -231,14 +206,166 @@ impl Proxy {
         response
     }
 
-    async fn send(&self, request: Request<UpstreamBody>) -> Result<Response<Incoming>, Failure> {
-        match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) if e.is_connect() => Err(Failure::Unreachable(e)),
-            Ok(Err(e)) => Err(Failure::Failed(e)),
-            Err(_elapsed) => Err(Failure::TimedOut),
+    /// Sends one attempt and waits for the response head.
+    async fn send(
+        &self,
+        request: Request<UpstreamBody>,
+        asked_to_upgrade: bool,
+    ) -> Result<Response<Incoming>, Failure> {
+        let response =
+            match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(e)) => return Err(classify(&e)),
+                Err(_elapsed) => return Err(Failure::TimedOut),
+            };
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS && !asked_to_upgrade {
+            return Err(Failure::Failed(
+                "it answered 101 Switching Protocols to a request that did not ask to upgrade"
+                    .into(),
+            ));
+        }
+        Ok(response)
+    }
+
+    /// Whether to try another backend after `failure` on `backend`; an
+    /// unreachable backend is also cooled down here.
+    fn retry_after(
+        &self,
+        failure: &Failure,
+        backend: &Backend,
+        may_retry: bool,
+        idempotent: bool,
+    ) -> bool {
+        match failure {
+            Failure::Unreachable(cause) => {
+                let cooldown = self.balancer.failed(backend);
+                tracing::warn!(backend = %backend.addr, ?cooldown, error = cause, "backend unreachable; cooling it down");
+                may_retry
+            }
+            Failure::Failed(cause) if idempotent && may_retry => {
+                tracing::warn!(backend = %backend.addr, error = cause, "backend failed before answering; resending the idempotent request");
+                true
+            }
+            _ => false,
         }
     }
+
+    /// The backend's response, made ready for the client: hop-by-hop headers
+    /// dropped, the body timed, an upgrade tunnelled.
+    fn relay(
+        &self,
+        mut response: Response<Incoming>,
+        backend: &Backend,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        upload: Option<Arc<Upload>>,
+    ) -> Response<ProxyBody> {
+        if let Some(client_side) = client_upgrade
+            && response.status() == StatusCode::SWITCHING_PROTOCOLS
+        {
+            let backend_side = hyper::upgrade::on(&mut response);
+            tokio::spawn(tunnel(client_side, backend_side, backend.addr));
+            let protocol = upgrade_protocol(response.headers());
+            remove_hop_by_hop(response.headers_mut());
+            restore_upgrade(response.headers_mut(), protocol.as_ref());
+        } else {
+            remove_hop_by_hop(response.headers_mut());
+        }
+        let idle = self.body_idle_timeout;
+        response.map(|body| Either::Left(Timed::from_backend(body, idle, backend.addr, upload)))
+    }
+
+    fn failure_response(&self, failure: Failure, backend: Option<&Backend>) -> Response<ProxyBody> {
+        let addr = backend.map_or_else(|| "none".to_owned(), |b| b.addr.to_string());
+        match failure {
+            Failure::NoBackend => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no backend is available: none was discovered, or all are cooling down after failures",
+            ),
+            // Nothing reached any backend: like "no backend available".
+            Failure::Unreachable(cause) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("no backend could be reached; the last, {addr}, failed: {cause}"),
+            ),
+            Failure::Local(cause) => {
+                static THROTTLE: Throttle = Throttle::new(Duration::from_secs(1));
+                if let Some(held_back) = THROTTLE.allow() {
+                    tracing::error!(
+                        error = cause,
+                        held_back,
+                        "the load balancer is out of file descriptors or local ports (not the backend's fault); raise the open file limit (ulimit -n) or lower the load"
+                    );
+                }
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!(
+                        "the load balancer is short of its own resources ({cause}); the backend was not at fault, try again"
+                    ),
+                )
+            }
+            // Logged where it happened, in `body`.
+            Failure::Client(BodyError::Stalled(idle)) => error(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
+                    "the request body stalled: no data for {} ms (bodyIdleTimeoutMs)",
+                    idle.as_millis()
+                ),
+            ),
+            Failure::Client(BodyError::Broken(cause)) => error(
+                StatusCode::BAD_REQUEST,
+                &format!("the request body could not be read: {cause}"),
+            ),
+            Failure::Failed(cause) => error(
+                StatusCode::BAD_GATEWAY,
+                &format!("backend {addr} failed: {cause}"),
+            ),
+            Failure::TimedOut => error(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!(
+                    "backend {addr} did not answer within {} ms",
+                    self.request_timeout.as_millis()
+                ),
+            ),
+        }
+    }
+}
+
+/// Whose fault a failed request was, from hyper's error and its causes.
+fn classify(error: &hyper_util::client::legacy::Error) -> Failure {
+    if let Some(body) = find_cause::<BodyError>(error) {
+        return Failure::Client(body.clone());
+    }
+    // Out of file descriptors, of kernel buffers or memory, or of local
+    // ports to connect from: all local, whichever backend we asked.
+    const LOCAL: [Errno; 5] = [
+        Errno::EMFILE,
+        Errno::ENFILE,
+        Errno::ENOBUFS,
+        Errno::ENOMEM,
+        Errno::EADDRNOTAVAIL,
+    ];
+    let os_error = find_cause::<std::io::Error>(error).and_then(std::io::Error::raw_os_error);
+    let cause = source_chain(error);
+    if os_error.is_some_and(|code| LOCAL.contains(&Errno::from_raw(code))) {
+        Failure::Local(cause)
+    } else if error.is_connect() {
+        Failure::Unreachable(cause)
+    } else {
+        Failure::Failed(cause)
+    }
+}
+
+/// The first error of type `E` in `error`'s chain of causes.
+fn find_cause<'a, E: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut next = Some(error);
+    while let Some(current) = next {
+        if let Some(found) = current.downcast_ref::<E>() {
+            return Some(found);
+        }
+        next = current.source();
+    }
+    None
 }
 
 fn build_request(
@@ -259,31 +386,6 @@ fn build_request(
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
     request
-}
-
-fn failure_response(failure: Failure, backend: &Backend, timeout: Duration) -> Response<ProxyBody> {
-    let addr = backend.addr;
-    match failure {
-        // Nothing reached any backend: like "no backend available".
-        Failure::Unreachable(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!(
-                "no backend could be reached; the last, {addr}, failed: {}",
-                source_chain(&e)
-            ),
-        ),
-        Failure::Failed(e) => error(
-            StatusCode::BAD_GATEWAY,
-            &format!("backend {addr} failed: {}", source_chain(&e)),
-        ),
-        Failure::TimedOut => error(
-            StatusCode::GATEWAY_TIMEOUT,
-            &format!(
-                "backend {addr} did not answer within {} ms",
-                timeout.as_millis()
-            ),
-        ),
-    }
 }
 
 /// The error and its causes, `: `-separated; hyper's top-level messages
@@ -329,66 +431,6 @@ fn log(
     );
 }
 
-/// The protocol a request or 101 response asks to switch to, if it does:
-/// both `Connection: upgrade` and an `Upgrade` header must be present.
-fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
-    let connection_says_upgrade = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("").split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    connection_says_upgrade
-        .then(|| headers.get(header::UPGRADE).cloned())
-        .flatten()
-}
-
-/// Drops hop-by-hop headers, including those the `Connection` header names.
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("").split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
-}
-
-/// Puts back the two headers an upgrade needs after hop-by-hop removal.
-fn restore_upgrade(headers: &mut HeaderMap, protocol: Option<&HeaderValue>) {
-    if let Some(protocol) = protocol {
-        headers.insert(header::UPGRADE, protocol.clone());
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-}
-
-/// Rewrites a client's request headers for the backend.
-fn prepare_request_headers(
-    headers: &mut HeaderMap,
-    client_ip: IpAddr,
-    upgrade: Option<&HeaderValue>,
-) {
-    remove_hop_by_hop(headers);
-    restore_upgrade(headers, upgrade);
-
-    // One X-Forwarded-For header: the client's chain, then the client.
-    let mut chain = String::new();
-    for prior in headers.get_all(X_FORWARDED_FOR) {
-        if let Ok(prior) = prior.to_str() {
-            let _ = write!(chain, "{prior}, ");
-        }
-    }
-    let _ = write!(chain, "{client_ip}");
-    if let Ok(value) = HeaderValue::try_from(chain) {
-        headers.insert(X_FORWARDED_FOR, value);
-    }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    if let Some(host) = headers.get(header::HOST).cloned() {
-        headers.insert(X_FORWARDED_HOST, host);
-    }
-}
-
 /// Copies bytes both ways between an upgraded client and backend connection.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
@@ -406,71 +448,5 @@ async fn tunnel(
             }
         }
         Err(e) => tracing::warn!(backend = %addr, error = %e, "upgrade failed"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                value.parse().unwrap(),
-            );
-        }
-        map
-    }
-
-    #[test]
-    fn hop_by_hop_headers_and_those_connection_names_are_dropped() {
-        let mut map = headers(&[
-            ("connection", "keep-alive, x-session-secret"),
-            ("keep-alive", "timeout=5"),
-            ("x-session-secret", "abc"),
-            ("te", "trailers"),
-            ("trailer", "x-checksum"),
-            ("transfer-encoding", "chunked"),
-            ("proxy-authorization", "Basic Zm9v"),
-            ("proxy-connection", "keep-alive"),
-            ("upgrade", "h2c"),
-            ("accept", "application/json"),
-        ]);
-        remove_hop_by_hop(&mut map);
-        assert_eq!(map, headers(&[("accept", "application/json")]));
-    }
-
-    #[test]
-    fn forwarded_headers_are_appended_and_set() {
-        let mut map = headers(&[
-            ("host", "shop.example"),
-            ("x-forwarded-for", "203.0.113.1"),
-            ("x-forwarded-for", "198.51.100.2"),
-            ("x-forwarded-proto", "https"),
-        ]);
-        prepare_request_headers(&mut map, "10.0.0.9".parse().unwrap(), None);
-        assert_eq!(
-            map.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
-            ["203.0.113.1, 198.51.100.2, 10.0.0.9"]
-        );
-        assert_eq!(map["x-forwarded-proto"], "http");
-        assert_eq!(map["x-forwarded-host"], "shop.example");
-        assert_eq!(map["host"], "shop.example");
-    }
-
-    #[test]
-    fn an_upgrade_request_keeps_its_upgrade_headers() {
-        let mut map = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
-        let protocol = upgrade_protocol(&map);
-        assert_eq!(protocol, Some(HeaderValue::from_static("websocket")));
-        prepare_request_headers(&mut map, "127.0.0.1".parse().unwrap(), protocol.as_ref());
-        assert_eq!(map["upgrade"], "websocket");
-        assert_eq!(map["connection"], "upgrade");
-        assert_eq!(
-            upgrade_protocol(&headers(&[("upgrade", "websocket")])),
-            None
-        );
     }
 }

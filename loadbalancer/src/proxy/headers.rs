@@ -1,0 +1,188 @@
+//! The headers a proxy must rewrite, and why.
+//!
+//! - Hop-by-hop headers (`Connection` and the headers it names,
+//!   `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`,
+//!   `Upgrade`) describe one TCP connection, not the message, so they are
+//!   dropped in both directions (RFC 9110, section 7.6.1). hyper sets its own
+//!   framing on each side; a `Content-Length` that came with
+//!   `Transfer-Encoding` is dropped too, since the body is framed anew.
+//! - `X-Forwarded-For` gets the client's IP appended, `X-Forwarded-Proto`
+//!   and `X-Forwarded-Host` are set, so the backend knows who asked.
+//! - `Host` is kept as the client sent it: backends see the name the client
+//!   used (as nginx's `proxy_set_header Host $host` does); which backend
+//!   served is in `x-served-by` on the response.
+//! - An upgrade (WebSocket) keeps its `Connection: upgrade` and `Upgrade`.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Names the backend that served, so `curl -i` shows the rotation.
+pub const SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that only concern one connection (RFC 9110, section 7.6.1), and
+/// the non-standard `Proxy-Connection` that some clients still send.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// The protocol a request or 101 response asks to switch to, if it does:
+/// both `Connection: upgrade` and an `Upgrade` header must be present.
+pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let connection_says_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    connection_says_upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Drops hop-by-hop headers, including those the `Connection` header names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // A message with Transfer-Encoding is framed by it, whatever its
+    // Content-Length says (RFC 9112, section 6.3). hyper decoded it that way
+    // and frames it again for the next hop, so a stale length passed on
+    // would cut the body short.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Puts back the two headers an upgrade needs after hop-by-hop removal.
+pub fn restore_upgrade(headers: &mut HeaderMap, protocol: Option<&HeaderValue>) {
+    if let Some(protocol) = protocol {
+        headers.insert(header::UPGRADE, protocol.clone());
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Rewrites a client's request headers for the backend.
+pub fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    client_ip: IpAddr,
+    upgrade: Option<&HeaderValue>,
+) {
+    remove_hop_by_hop(headers);
+    restore_upgrade(headers, upgrade);
+
+    // One X-Forwarded-For header: the client's chain, then the client.
+    let mut chain = String::new();
+    for prior in headers.get_all(X_FORWARDED_FOR) {
+        if let Ok(prior) = prior.to_str() {
+            let _ = write!(chain, "{prior}, ");
+        }
+    }
+    let _ = write!(chain, "{client_ip}");
+    if let Ok(value) = HeaderValue::try_from(chain) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.insert(X_FORWARDED_HOST, host);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_dropped() {
+        let mut map = headers(&[
+            ("connection", "keep-alive, x-session-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-session-secret", "abc"),
+            ("te", "trailers"),
+            ("trailer", "x-checksum"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic Zm9v"),
+            ("proxy-connection", "keep-alive"),
+            ("upgrade", "h2c"),
+            ("accept", "application/json"),
+        ]);
+        remove_hop_by_hop(&mut map);
+        assert_eq!(map, headers(&[("accept", "application/json")]));
+    }
+
+    #[test]
+    fn a_content_length_beside_transfer_encoding_is_dropped() {
+        let mut map = headers(&[
+            ("content-length", "5"),
+            ("transfer-encoding", "chunked"),
+            ("content-type", "text/plain"),
+        ]);
+        remove_hop_by_hop(&mut map);
+        assert_eq!(map, headers(&[("content-type", "text/plain")]));
+        let mut plain = headers(&[("content-length", "5")]);
+        remove_hop_by_hop(&mut plain);
+        assert_eq!(plain, headers(&[("content-length", "5")]));
+    }
+
+    #[test]
+    fn forwarded_headers_are_appended_and_set() {
+        let mut map = headers(&[
+            ("host", "shop.example"),
+            ("x-forwarded-for", "203.0.113.1"),
+            ("x-forwarded-for", "198.51.100.2"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        prepare_request_headers(&mut map, "10.0.0.9".parse().unwrap(), None);
+        assert_eq!(
+            map.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+            ["203.0.113.1, 198.51.100.2, 10.0.0.9"]
+        );
+        assert_eq!(map["x-forwarded-proto"], "http");
+        assert_eq!(map["x-forwarded-host"], "shop.example");
+        assert_eq!(map["host"], "shop.example");
+    }
+
+    #[test]
+    fn an_upgrade_request_keeps_its_upgrade_headers() {
+        let mut map = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        let protocol = upgrade_protocol(&map);
+        assert_eq!(protocol, Some(HeaderValue::from_static("websocket")));
+        prepare_request_headers(&mut map, "127.0.0.1".parse().unwrap(), protocol.as_ref());
+        assert_eq!(map["upgrade"], "websocket");
+        assert_eq!(map["connection"], "upgrade");
+        assert_eq!(
+            upgrade_protocol(&headers(&[("upgrade", "websocket")])),
+            None
+        );
+    }
+}
