@@ -260,6 +260,58 @@ async fn traffic_keeps_flowing_while_the_api_server_is_away_and_changes_arrive_a
     );
 }
 
+/// An API server restart, as seen from a real cluster: connections refused
+/// for a while, then a 403 before its RBAC cache is warm, then 410 Gone for
+/// the old watch. The change made meanwhile must arrive within 5 s of the
+/// API server answering again: the backoff is capped and reset on progress
+/// (kube-rs's default, growing to 30 s, took 10 s or more here).
+#[tokio::test(flavor = "multi_thread")]
+async fn after_an_api_server_outage_a_change_arrives_within_5_s_of_its_return() {
+    let (pods, port) = start_pods(22, 3);
+    let mut c = cluster("endpointslices", port, |api| {
+        api.apply_slice(ready_slice("backend-abc", port, &[&pods[0], &pods[1]]))
+    })
+    .await;
+    wait_for_backends(&mut c.lb, 0, 2);
+
+    c.api.stop();
+    c.lb.process.wait_for_log("cannot watch", |_| true);
+    // The outage itself: long enough for an exponential backoff to grow.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    c.api.apply_slice_unseen(ready_slice(
+        "backend-abc",
+        port,
+        &[&pods[0], &pods[1], &pods[2]],
+    ));
+    c.api.forbid_next(1);
+    let mark = c.lb.process.mark();
+    c.api.restart().await;
+    let back = std::time::Instant::now();
+
+    let seen = poll(std::time::Duration::from_secs(5), || {
+        c.lb.process.logs().into_iter().skip(mark).find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("backends changed"))
+                && l["total"] == 3
+        })
+    });
+    assert!(
+        seen.is_some(),
+        "the change was not picked up within 5 s of the API server's return ({:?} so far); logs:\n{:#?}",
+        back.elapsed(),
+        c.lb.process
+            .logs()
+            .into_iter()
+            .skip(mark)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        spread(&c.lb, 30).await,
+        evenly(&[&pods[0], &pods[1], &pods[2]], 10)
+    );
+}
+
 #[tokio::test]
 async fn an_expired_watch_410_gone_lists_again() {
     let (pods, port) = start_pods(16, 3);

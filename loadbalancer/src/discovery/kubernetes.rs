@@ -8,19 +8,21 @@
 //! store into a set of backend addresses and publish it; publishing the same
 //! set twice changes nothing.
 //!
-//! Errors never end the watch: `default_backoff()` retries with growing
-//! pauses, and meanwhile the load balancer keeps serving the last set it
-//! knew. Never `try_for_each` or `?` on a watch stream: the first
-//! recoverable error would end it for good.
+//! Errors never end the watch: after an error we pause ([`backoff`]) and
+//! poll the stream again, which retries; meanwhile the load balancer keeps
+//! serving the last set it knew. Never `try_for_each` or `?` on a watch
+//! stream: the first recoverable error would end it for good.
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::utils::Backoff as _;
+use kube::runtime::watcher::{self, Event, ExponentialBackoff};
 use kube::runtime::{WatchStreamExt, reflector};
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -54,7 +56,6 @@ pub async fn watch<K>(
 {
     let (store, writer) = reflector::store();
     let events = watcher::watcher(api, config)
-        .default_backoff()
         // Only the spec matters to us; keep memory small.
         .modify(|object: &mut K| {
             object.managed_fields_mut().clear();
@@ -63,8 +64,12 @@ pub async fn watch<K>(
         .reflect(writer);
     let mut events = std::pin::pin!(events);
     let mut last_error: Option<String> = None;
+    let mut backoff = backoff();
 
     while let Some(event) = events.next().await {
+        if event.is_ok() {
+            backoff.reset();
+        }
         match event {
             // The store is swapped in whole at InitDone; before it, it still
             // holds the previous list.
@@ -87,9 +92,38 @@ pub async fn watch<K>(
                     }
                     last_error = Some(message);
                 }
+                // After 410 Gone the watcher lists again at once, as
+                // client-go does: the server is answering, nothing to wait for.
+                if status_code(&error) != Some(410) {
+                    tokio::time::sleep(backoff.next().unwrap_or(MAX_BACKOFF)).await;
+                }
             }
         }
     }
+}
+
+/// The longest pause between two attempts, before jitter.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The pauses after errors: 250 ms, doubling up to [`MAX_BACKOFF`], each
+/// plus up to as much again at random so that replicas do not retry in
+/// step; reset by any event that arrives.
+///
+/// client-go (and kube-rs's `default_backoff`) grow to 30 s, because
+/// thousands of kubelets and controllers reconnect to one API server when it
+/// restarts, and a herd retrying every second would keep it down. We are one
+/// load balancer (or a few replicas) per namespace, and every second we miss
+/// a change we route to pods that are gone or miss new ones; a short cap lets
+/// us see a change within a few seconds of the API server coming back, even
+/// through the 403s and 410s a restarting server answers at first.
+fn backoff() -> ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(MAX_BACKOFF)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
 }
 
 fn status_code(error: &watcher::Error) -> Option<u16> {

@@ -14,8 +14,8 @@
 //!   are honoured.
 //!
 //! The test drives it: change objects, drop every watch, forget history
-//! (forcing 410s), answer 403, or go down entirely and come back on the same
-//! port. Objects are k8s-openapi types, serialized as the real server would.
+//! (forcing 410s), answer 403 (for good, or for the next few requests), or
+//! go down entirely and come back on the same port. Objects are k8s-openapi types, serialized as the real server would.
 #![allow(deprecated)] // v1 Endpoints is one of the two APIs under test
 
 use std::collections::BTreeMap;
@@ -75,6 +75,9 @@ struct World {
     /// Watches from a version older than this get 410 Gone.
     oldest_kept: u64,
     forbidden: bool,
+    /// This many more requests are answered 403, as by an API server that
+    /// has just restarted and has not loaded its RBAC rules yet.
+    forbid_next: usize,
     lists: usize,
 }
 
@@ -191,6 +194,11 @@ impl FakeApiServer {
         if forbidden {
             self.drop_watches();
         }
+    }
+
+    /// Answers the next `n` requests 403 Forbidden, then serves again.
+    pub fn forbid_next(&self, n: usize) {
+        self.shared.world.lock().unwrap().forbid_next = n;
     }
 
     /// How many list requests have been received (refused ones included).
@@ -378,7 +386,9 @@ where
     if params.watch != Some(true) {
         world.lists += 1;
     }
-    if world.forbidden {
+    let forbid_this = world.forbid_next > 0;
+    world.forbid_next = world.forbid_next.saturating_sub(1);
+    if world.forbidden || forbid_this {
         let verb = if params.watch == Some(true) {
             "watch"
         } else {
