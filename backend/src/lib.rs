@@ -11,11 +11,13 @@
 //! - [`config`]: the JSON config file (`port`, `serviceName`).
 //! - [`identity`]: who this pod is, from the Downward API or local fallbacks.
 //! - [`routes`]: the HTTP routes, as one axum `Router`.
+//! - [`metrics`]: requests by route and status code, on `GET /metrics`.
 //! - [`server`]: serving a listener until shutdown, draining in-flight requests.
 //!
 //! `src/main.rs` only parses flags, loads the config and calls [`server::run`].
 
 pub mod config;
 pub mod identity;
+pub mod metrics;
 pub mod routes;
 pub mod server;

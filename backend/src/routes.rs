@@ -16,6 +16,7 @@
 //! | `GET /status/{code}` | answers with that status |
 //! | `GET /headers` | the request headers as JSON |
 //! | `GET /ws` | WebSocket echo |
+//! | `GET /metrics` | Prometheus metrics |
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -29,7 +30,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -39,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::identity::Identity;
+use crate::metrics::Metrics;
 
 /// The longest `/work` may hold a request.
 pub const MAX_WORK_MS: u64 = 60_000;
@@ -55,6 +57,7 @@ struct Shared {
     identity: Identity,
     ready: AtomicBool,
     requests: AtomicU64,
+    metrics: Metrics,
 }
 
 impl AppState {
@@ -63,6 +66,7 @@ impl AppState {
             identity,
             ready: AtomicBool::new(true),
             requests: AtomicU64::new(0),
+            metrics: Metrics::default(),
         }))
     }
 
@@ -84,9 +88,10 @@ pub fn app(state: AppState) -> Router {
         .route("/status/{code}", any(status))
         .route("/headers", get(headers))
         .route("/ws", get(websocket))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(state.clone(), log_request))
         .with_state(state)
 }
 
@@ -264,12 +269,26 @@ fn error(status: StatusCode, message: String) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
-/// One log line per request. Probes are logged at debug: the kubelet sends
-/// them every few seconds and they would drown the lesson.
-async fn log_request(request: Request, next: Next) -> Response {
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    common::exposition::respond(&headers, state.0.metrics.encode())
+}
+
+/// One log line and one metrics update per request. Probes are logged at
+/// debug: the kubelet sends them every few seconds and they would drown the
+/// lesson.
+async fn log_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -282,10 +301,14 @@ async fn log_request(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     let status = response.status().as_u16();
     let latency = start.elapsed();
+    state
+        .0
+        .metrics
+        .record(&route, status, latency.as_secs_f64());
     if path == "/healthz" || path == "/readyz" {
         tracing::debug!(%method, path, status, ?latency, ?peer, "request");
     } else {
-        tracing::info!(%method, path, status, ?latency, ?peer, ?forwarded_for, "request");
+        tracing::info!(%method, path, status, ?latency, ?peer, ?forwarded_for, request_id, "request");
     }
     response
 }

@@ -10,6 +10,8 @@
 //!   name the file, the field and the line.
 //! - [`telemetry`]: one logging setup (`RUST_LOG`, `LOG_FORMAT=json`), and a
 //!   throttle for log lines that can repeat in a flood.
+//! - [`exposition`]: `/metrics` in OpenMetrics or the classic Prometheus
+//!   text format, as the scraper asks.
 //! - [`serve`]: serving HTTP/1.1 on a listener with the limits every
 //!   listener needs (header read timeout, head size, backlog), and graceful
 //!   shutdown.
@@ -19,6 +21,7 @@
 //!   for them, poll with a bound, talk HTTP.
 
 pub mod config;
+pub mod exposition;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;

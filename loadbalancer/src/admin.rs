@@ -7,19 +7,24 @@
 //! - `GET /readyz`: readiness. 503 until discovery has delivered the first
 //!   full list of backends, and again from the moment shutdown starts, so
 //!   Kubernetes stops sending us new traffic before we stop accepting it.
-//! - `GET /backends`: the current snapshot, and which backends are cooling
-//!   down after failures.
+//! - `GET /backends`: the current snapshot as JSON: each backend with its
+//!   pod, state and numbers, how discovery is doing, and the latest changes
+//!   of the set.
+//! - `GET /metrics`: Prometheus metrics (see [`crate::metrics`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use crate::balancer::Balancer;
+use crate::discovery;
+use crate::metrics;
 
 /// Whether we should receive traffic.
 #[derive(Debug, Default)]
@@ -50,14 +55,16 @@ impl Readiness {
     }
 }
 
+/// What the admin routes read.
 #[derive(Debug, Clone)]
-struct AdminState {
-    readiness: Arc<Readiness>,
-    balancer: Arc<Balancer>,
+pub struct AdminState {
+    pub readiness: Arc<Readiness>,
+    pub balancer: Arc<Balancer>,
+    pub discovery: Arc<discovery::Status>,
 }
 
 /// The admin routes.
-pub fn app(readiness: Arc<Readiness>, balancer: Arc<Balancer>) -> Router {
+pub fn app(state: AdminState) -> Router {
     Router::new()
         .route(
             "/healthz",
@@ -65,16 +72,14 @@ pub fn app(readiness: Arc<Readiness>, balancer: Arc<Balancer>) -> Router {
         )
         .route("/readyz", get(readyz))
         .route("/backends", get(backends))
+        .route("/metrics", get(metrics))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
-                Json(json!({ "error": "admin routes: /healthz, /readyz, /backends" })),
+                Json(json!({ "error": "admin routes: /healthz, /readyz, /backends, /metrics" })),
             )
         })
-        .with_state(AdminState {
-            readiness,
-            balancer,
-        })
+        .with_state(state)
 }
 
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, Json<Value>) {
@@ -97,7 +102,33 @@ async fn backends(State(state): State<AdminState>) -> Json<Value> {
     let list: Vec<Value> = snapshot
         .backends
         .iter()
-        .map(|b| json!({ "address": b.addr.to_string(), "coolingDown": b.is_cooling_down() }))
+        .map(|b| {
+            json!({
+                "address": b.addr,
+                "pod": b.pod.name,
+                "node": b.pod.node,
+                "zone": b.pod.zone,
+                "state": b.state().as_str(),
+                "coolingDown": b.is_cooling_down(),
+                "requests": b.stats.requests(),
+                "inFlight": b.stats.in_flight(),
+                "errors": b.stats.errors(),
+                "lastError": b.stats.last_error(),
+            })
+        })
         .collect();
-    Json(json!({ "backends": list }))
+    let mut changes = state.balancer.recent_changes();
+    changes.reverse();
+    Json(json!({
+        "discovery": state.discovery.report(),
+        "algorithm": "round_robin",
+        "generation": snapshot.generation,
+        "changedAt": snapshot.changed_at,
+        "backends": list,
+        "changes": changes,
+    }))
+}
+
+async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Response {
+    common::exposition::respond(&headers, metrics::encode(&state.balancer))
 }

@@ -15,40 +15,74 @@
 //! cool-down is the probe; a success clears the record. Real load balancers
 //! add *active* health checks too (periodic probes); in Kubernetes the
 //! readiness probe already does that job upstream of us, so we rely on it.
+//!
+//! Each backend also carries the pod it is (when discovery knows it) and its
+//! [`BackendStats`], the numbers the metrics and the admin page show.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hyper::header::HeaderValue;
 use hyper::http::uri::Authority;
+use jiff::Timestamp;
+use serde::Serialize;
+
+use crate::metrics::{BackendStats, Totals};
 
 /// The longest a failing backend is left out of the rotation.
 const MAX_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// How many recent changes of the set are kept for the admin page.
+const CHANGES_KEPT: usize = 50;
+
+/// Which pod a backend address is, where discovery knows it (EndpointSlices
+/// name the pod, its node and zone; a static list knows nothing).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Pod {
+    pub name: Option<String>,
+    pub node: Option<String>,
+    pub zone: Option<String>,
+}
+
+/// A whole set of backends, as discovery publishes it.
+pub type BackendSet = BTreeMap<SocketAddr, Pod>;
 
 /// One backend, and what the request path has learned about its health.
 #[derive(Debug)]
 pub struct Backend {
     pub addr: SocketAddr,
+    pub pod: Pod,
     /// `addr` as a URI authority, built once rather than per request.
     pub authority: Authority,
     /// `addr` as a header value, for `x-served-by`.
     pub label: HeaderValue,
+    pub stats: BackendStats,
     /// Connection failures in a row.
     failures: AtomicU32,
     /// Left out of the rotation until this many ms after [`EPOCH`].
     cool_until_ms: AtomicU64,
 }
 
+/// A backend's health, as the rotation sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Healthy,
+    CoolingDown,
+}
+
 /// The immutable set of backends requests are spread over.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub backends: Box<[Arc<Backend>]>,
+    /// Counts up with every new snapshot.
+    pub generation: u64,
+    /// When the set last changed; `None` before the first one.
+    pub changed_at: Option<Timestamp>,
 }
 
 /// What changed when a new set of backends was published.
@@ -59,12 +93,33 @@ pub struct Change {
     pub total: usize,
 }
 
+/// A change as the admin page lists it: when, and who joined or left.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChangeRecord {
+    pub at: Timestamp,
+    pub generation: u64,
+    pub joined: Vec<Member>,
+    pub left: Vec<Member>,
+}
+
+/// A backend in a [`ChangeRecord`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Member {
+    pub address: SocketAddr,
+    pub pod: Option<String>,
+}
+
 /// The current snapshot, the round-robin counter and the cool-down policy.
 #[derive(Debug)]
 pub struct Balancer {
     current: ArcSwap<Snapshot>,
     next: AtomicUsize,
-    cooldown: Duration,
+    /// The first cool-down, in ms; the config can change it while running.
+    cooldown_ms: AtomicU64,
+    /// The numbers that belong to no one backend.
+    pub totals: Totals,
+    /// The latest changes, newest last; written by discovery only.
+    changes: Mutex<VecDeque<ChangeRecord>>,
 }
 
 /// Times are stored as ms since this instant, so they fit in an atomic.
@@ -77,17 +132,39 @@ fn now_ms() -> u64 {
 // === impl Backend ===
 
 impl Backend {
-    pub fn new(addr: SocketAddr) -> Backend {
+    pub fn new(addr: SocketAddr, pod: Pod) -> Backend {
         let text = addr.to_string();
         Backend {
             addr,
+            pod,
             // An IP:port always forms a valid authority and header value.
             authority: text
                 .parse()
                 .unwrap_or_else(|_| Authority::from_static("invalid")),
             label: HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("invalid")),
+            stats: BackendStats::default(),
             failures: AtomicU32::new(0),
             cool_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// `addr` as text, for metric labels.
+    pub fn label_str(&self) -> &str {
+        self.label.to_str().unwrap_or("invalid")
+    }
+
+    pub fn state(&self) -> State {
+        if self.is_cooling_down() {
+            State::CoolingDown
+        } else {
+            State::Healthy
+        }
+    }
+
+    fn member(&self) -> Member {
+        Member {
+            address: self.addr,
+            pod: self.pod.name.clone(),
         }
     }
 
@@ -102,6 +179,19 @@ impl Backend {
     }
 }
 
+// === impl State ===
+
+impl State {
+    pub const ALL: [State; 2] = [State::Healthy, State::CoolingDown];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Healthy => "healthy",
+            State::CoolingDown => "cooling_down",
+        }
+    }
+}
+
 // === impl Balancer ===
 
 impl Balancer {
@@ -110,7 +200,9 @@ impl Balancer {
         Balancer {
             current: ArcSwap::from_pointee(Snapshot::default()),
             next: AtomicUsize::new(0),
-            cooldown,
+            cooldown_ms: AtomicU64::new(cooldown.as_millis() as u64),
+            totals: Totals::default(),
+            changes: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -119,34 +211,72 @@ impl Balancer {
         self.current.load_full()
     }
 
-    /// Replaces the backend set with `addrs`. Backends that stay keep their
-    /// health record; the others are dropped once no request holds them.
-    /// Publishing the same set again changes nothing.
-    pub fn publish(&self, addrs: &BTreeSet<SocketAddr>) -> Change {
+    /// Changes the first cool-down of failing backends from now on.
+    pub fn set_cooldown(&self, cooldown: Duration) {
+        self.cooldown_ms.store(cooldown.as_millis() as u64, Relaxed);
+    }
+
+    /// The latest changes of the set, newest last.
+    pub fn recent_changes(&self) -> Vec<ChangeRecord> {
+        self.changes
+            .lock()
+            .map(|changes| changes.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Replaces the backend set with `set`. Backends that stay (same address,
+    /// same pod) keep their health record and numbers; the others are
+    /// dropped once no request holds them. Publishing the same set again
+    /// changes nothing.
+    pub fn publish(&self, set: &BackendSet) -> Change {
         let old = self.current.load();
-        let mut change = Change {
-            total: addrs.len(),
-            ..Change::default()
+        let kept = |addr: &SocketAddr, pod: &Pod| {
+            old.backends
+                .iter()
+                .find(|b| b.addr == *addr && b.pod == *pod)
+                .cloned()
         };
-        let backends: Box<[Arc<Backend>]> = addrs
+        let backends: Box<[Arc<Backend>]> = set
             .iter()
-            .map(|addr| match old.backends.iter().find(|b| b.addr == *addr) {
-                Some(kept) => kept.clone(),
-                None => {
-                    change.added.push(*addr);
-                    Arc::new(Backend::new(*addr))
-                }
+            .map(|(addr, pod)| {
+                kept(addr, pod).unwrap_or_else(|| Arc::new(Backend::new(*addr, pod.clone())))
             })
             .collect();
-        change.removed = old
+        let is_new = |b: &&Arc<Backend>| !old.backends.iter().any(|o| Arc::ptr_eq(o, b));
+        let is_gone = |b: &&Arc<Backend>| !backends.iter().any(|n| Arc::ptr_eq(n, b));
+        let joined: Vec<Member> = backends.iter().filter(is_new).map(|b| b.member()).collect();
+        let left: Vec<Member> = old
             .backends
             .iter()
-            .map(|b| b.addr)
-            .filter(|addr| !addrs.contains(addr))
+            .filter(is_gone)
+            .map(|b| b.member())
             .collect();
-        if !change.added.is_empty() || !change.removed.is_empty() {
-            self.current.store(Arc::new(Snapshot { backends }));
+        let change = Change {
+            added: joined.iter().map(|m| m.address).collect(),
+            removed: left.iter().map(|m| m.address).collect(),
+            total: set.len(),
+        };
+        if joined.is_empty() && left.is_empty() {
+            return change;
         }
+        let snapshot = Snapshot {
+            backends,
+            generation: old.generation + 1,
+            changed_at: Some(Timestamp::now()),
+        };
+        if let Ok(mut changes) = self.changes.lock() {
+            if changes.len() == CHANGES_KEPT {
+                changes.pop_front();
+            }
+            changes.push_back(ChangeRecord {
+                at: snapshot.changed_at.unwrap_or_else(Timestamp::now),
+                generation: snapshot.generation,
+                joined,
+                left,
+            });
+        }
+        self.current.store(Arc::new(snapshot));
+        self.totals.set_changed();
         change
     }
 
@@ -170,8 +300,7 @@ impl Balancer {
     /// doubles with each failure in a row. Returns the cool-down.
     pub fn failed(&self, backend: &Backend) -> Duration {
         let failures = backend.failures.fetch_add(1, Relaxed) + 1;
-        let cooldown = self
-            .cooldown
+        let cooldown = Duration::from_millis(self.cooldown_ms.load(Relaxed))
             .saturating_mul(1 << (failures - 1).min(16))
             .min(MAX_COOLDOWN);
         backend
@@ -208,8 +337,10 @@ impl fmt::Display for Change {
 mod tests {
     use super::*;
 
-    fn addrs(list: &[&str]) -> BTreeSet<SocketAddr> {
-        list.iter().map(|a| a.parse().unwrap()).collect()
+    fn addrs(list: &[&str]) -> BackendSet {
+        list.iter()
+            .map(|a| (a.parse().unwrap(), Pod::default()))
+            .collect()
     }
 
     fn picks(balancer: &Balancer, n: usize) -> Vec<String> {
@@ -271,6 +402,28 @@ mod tests {
         assert!(
             Arc::ptr_eq(&before, &balancer.snapshot()),
             "no new snapshot for no change"
+        );
+        assert_eq!(balancer.snapshot().generation, 2);
+        let changes = balancer.recent_changes();
+        assert_eq!(changes.len(), 2);
+        assert_eq!(changes[1].joined[0].address.to_string(), "10.0.0.3:80");
+        assert_eq!(changes[1].left[0].address.to_string(), "10.0.0.1:80");
+    }
+
+    #[test]
+    fn the_same_address_as_another_pod_is_a_new_backend() {
+        let balancer = Balancer::new(Duration::from_secs(1));
+        let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let pod = |name: &str| Pod {
+            name: Some(name.into()),
+            ..Pod::default()
+        };
+        balancer.publish(&BackendSet::from([(addr, pod("backend-a"))]));
+        let change = balancer.publish(&BackendSet::from([(addr, pod("backend-b"))]));
+        assert_eq!((change.added.len(), change.removed.len()), (1, 1));
+        assert_eq!(
+            balancer.snapshot().backends[0].pod.name.as_deref(),
+            Some("backend-b")
         );
     }
 

@@ -17,11 +17,13 @@
 //!   the bodies.
 //! - [`server`]: the two listeners (through `common::serve`) and graceful
 //!   shutdown.
-//! - [`admin`]: `/healthz`, `/readyz`, `/backends` on the admin port.
+//! - [`metrics`]: the numbers the request path counts, and `/metrics`.
+//! - [`admin`]: `/healthz`, `/readyz`, `/backends`, `/metrics` on the admin port.
 
 pub mod admin;
 pub mod balancer;
 pub mod config;
 pub mod discovery;
+pub mod metrics;
 pub mod proxy;
 pub mod server;

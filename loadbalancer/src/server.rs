@@ -24,7 +24,7 @@ use common::serve::Server;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
 
-use crate::admin::{self, Readiness};
+use crate::admin::{self, AdminState, Readiness};
 use crate::balancer::Balancer;
 use crate::config::Settings;
 use crate::discovery::{self, DiscoveryError};
@@ -77,7 +77,14 @@ pub async fn run(
 ) -> Result<(), DiscoveryError> {
     let balancer = Arc::new(Balancer::new(settings.cooldown));
     let readiness = Arc::new(Readiness::default());
-    discovery::start(&settings.source, balancer.clone(), readiness.clone()).await?;
+    let status = Arc::new(discovery::Status::default());
+    discovery::start(
+        &settings.source,
+        balancer.clone(),
+        readiness.clone(),
+        status.clone(),
+    )
+    .await?;
     let proxy = Arc::new(Proxy::new(balancer.clone(), &settings));
 
     let address = |listener: &TcpListener| {
@@ -86,7 +93,11 @@ pub async fn run(
             .map_or_else(|e| e.to_string(), |a| a.to_string())
     };
     let (proxy_addr, admin_addr) = (address(&listeners.proxy), address(&listeners.admin));
-    let admin_app = admin::app(readiness.clone(), balancer);
+    let admin_app = admin::app(AdminState {
+        readiness: readiness.clone(),
+        balancer,
+        discovery: status,
+    });
     let admin_server = Server::new(settings.header_read_timeout);
     // The admin listener lives until the process exits, so /readyz keeps
     // answering 503 throughout the drain.

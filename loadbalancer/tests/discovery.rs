@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use common::testkit::{Http, PATIENCE, poll};
 use fake_apiserver::{FakeApiServer, meta};
 use k8s_openapi::api::core::v1::{
-    EndpointAddress, EndpointPort as CorePort, EndpointSubset, Endpoints,
+    EndpointAddress, EndpointPort as CorePort, EndpointSubset, Endpoints, ObjectReference,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use serde_json::json;
@@ -64,6 +64,12 @@ fn slice(name: &str, port: u16, pods: &[(&Backend, Conditions)]) -> EndpointSlic
                         serving: *serving,
                         terminating: *terminating,
                     }),
+                    target_ref: Some(ObjectReference {
+                        kind: Some("Pod".into()),
+                        name: Some(pod.name.clone()),
+                        ..Default::default()
+                    }),
+                    node_name: Some("kind-worker".into()),
                     ..Default::default()
                 })
                 .collect(),
@@ -122,6 +128,57 @@ async fn discovered_backends_share_the_traffic_evenly() {
         200
     );
     assert_eq!(spread(&c.lb, 90).await, evenly(&all, 30));
+}
+
+#[tokio::test]
+async fn backends_are_named_by_their_pods_and_leave_the_metrics_when_they_go() {
+    let (pods, port) = start_pods(23, 3);
+    let all: Vec<&Backend> = pods.iter().collect();
+    let mut c = cluster("endpointslices", port, |api| {
+        api.apply_slice(ready_slice("backend-abc", port, &all))
+    })
+    .await;
+    wait_for_backends(&mut c.lb, 0, 3);
+    spread(&c.lb, 9).await;
+    let http = Http::new();
+    let listed = http.get(&c.lb.admin_url("/backends")).await.json();
+    let named: Vec<(&str, &str)> = listed["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["pod"].as_str().unwrap(), b["node"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        named,
+        pods.iter()
+            .map(|p| (p.name.as_str(), "kind-worker"))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(listed["discovery"]["source"], "endpointslices");
+    assert_eq!(listed["discovery"]["state"], "synced");
+    let series = |text: &str, addr: std::net::SocketAddr| {
+        text.lines()
+            .filter(|l| l.contains(&format!("backend=\"{addr}\"")))
+            .count()
+    };
+    let before =
+        String::from_utf8(http.get(&c.lb.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    assert!(series(&before, pods[2].addr) > 0, "{before}");
+
+    let mark = c.lb.process.mark();
+    c.api
+        .apply_slice(ready_slice("backend-abc", port, &[&pods[0], &pods[1]]));
+    wait_for_backends(&mut c.lb, mark, 2);
+    let after =
+        String::from_utf8(http.get(&c.lb.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    assert_eq!(series(&after, pods[2].addr), 0, "{after}");
+    assert!(series(&after, pods[0].addr) > 0);
+    let listed = http.get(&c.lb.admin_url("/backends")).await.json();
+    assert_eq!(
+        listed["changes"][0]["left"][0]["pod"],
+        pods[2].name.as_str()
+    );
+    assert_eq!(listed["generation"], 2);
 }
 
 #[tokio::test]

@@ -262,7 +262,11 @@ async fn ports_and_probes_match_what_the_binaries_serve() {
     let balancer = std::sync::Arc::new(loadbalancer::balancer::Balancer::new(settings.cooldown));
     let readiness = std::sync::Arc::new(loadbalancer::admin::Readiness::default());
     readiness.mark_synced();
-    let admin = loadbalancer::admin::app(readiness, balancer);
+    let admin = loadbalancer::admin::app(loadbalancer::admin::AdminState {
+        readiness,
+        balancer,
+        discovery: Default::default(),
+    });
     for probe in [&lb.liveness_probe, &lb.readiness_probe] {
         let http = probe.as_ref().unwrap().http_get.as_ref().unwrap();
         assert_eq!(http.port, IntOrString::String("admin".into()));

@@ -14,21 +14,26 @@
 //! we fall back to endpoints that are serving while terminating, as
 //! kube-proxy does: during a rolling update that leaves nothing ready, a
 //! pod that is shutting down but still answering beats a 503.
+//!
+//! Each endpoint also says which pod it is (`targetRef`), on which node
+//! (`nodeName`) and in which zone (`zone`); that travels with the address,
+//! for the admin page and `/backends`.
 
-use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 
+use crate::balancer::{BackendSet, Pod};
 use crate::config::BackendPort;
 
-/// The backend addresses in `slices`, merged and de-duplicated.
+/// The backend addresses in `slices`, merged and de-duplicated, with the
+/// pod each one is.
 pub fn backends<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     wanted: &BackendPort,
-) -> BTreeSet<SocketAddr> {
-    let mut ready = BTreeSet::new();
-    let mut terminating_but_serving = BTreeSet::new();
+) -> BackendSet {
+    let mut ready = BackendSet::new();
+    let mut terminating_but_serving = BackendSet::new();
     for slice in slices {
         // FQDN slices name hosts, not addresses; we only route to IPs.
         if slice.address_type == "FQDN" {
@@ -57,12 +62,13 @@ pub fn backends<'a>(
                 |pick: fn(&k8s_openapi::api::discovery::v1::EndpointConditions) -> Option<bool>| {
                     conditions.and_then(pick)
                 };
+            let addr = SocketAddr::new(ip, port);
             if condition(|c| c.ready).unwrap_or(true) {
-                ready.insert(SocketAddr::new(ip, port));
+                ready.insert(addr, pod(endpoint));
             } else if condition(|c| c.serving) == Some(true)
                 && condition(|c| c.terminating) == Some(true)
             {
-                terminating_but_serving.insert(SocketAddr::new(ip, port));
+                terminating_but_serving.insert(addr, pod(endpoint));
             }
         }
     }
@@ -70,6 +76,19 @@ pub fn backends<'a>(
         terminating_but_serving
     } else {
         ready
+    }
+}
+
+/// Which pod an endpoint is, as far as the slice says.
+fn pod(endpoint: &Endpoint) -> Pod {
+    Pod {
+        name: endpoint
+            .target_ref
+            .as_ref()
+            .filter(|target| target.kind.as_deref() == Some("Pod"))
+            .and_then(|target| target.name.clone()),
+        node: endpoint.node_name.clone(),
+        zone: endpoint.zone.clone(),
     }
 }
 
@@ -121,11 +140,35 @@ mod tests {
         }
     }
 
-    fn addrs(list: &[&str]) -> BTreeSet<SocketAddr> {
-        list.iter().map(|a| a.parse().unwrap()).collect()
+    fn addrs(list: &[&str]) -> BackendSet {
+        list.iter()
+            .map(|a| (a.parse().unwrap(), Pod::default()))
+            .collect()
     }
 
     const HTTP: BackendPort = BackendPort::Number(8080);
+
+    #[test]
+    fn each_address_carries_its_pod_node_and_zone() {
+        let mut pod_endpoint = endpoint("10.0.0.1", Some(true), None, None);
+        pod_endpoint.target_ref = Some(k8s_openapi::api::core::v1::ObjectReference {
+            kind: Some("Pod".into()),
+            name: Some("backend-7d9f-x2k4q".into()),
+            ..Default::default()
+        });
+        pod_endpoint.node_name = Some("lb-demo-worker".into());
+        pod_endpoint.zone = Some("zone-a".into());
+        let slices = [slice("IPv4", &[("http", 8080)], vec![pod_endpoint])];
+        let found = backends(&slices, &HTTP);
+        assert_eq!(
+            found[&"10.0.0.1:8080".parse().unwrap()],
+            Pod {
+                name: Some("backend-7d9f-x2k4q".into()),
+                node: Some("lb-demo-worker".into()),
+                zone: Some("zone-a".into()),
+            }
+        );
+    }
 
     #[test]
     fn ready_and_unset_conditions_count_as_ready() {
@@ -236,7 +279,7 @@ mod tests {
         ];
         let found = backends(&slices, &HTTP);
         assert_eq!(found, addrs(&["[fd00::7]:8080"]));
-        assert_eq!(found.first().unwrap().to_string(), "[fd00::7]:8080");
+        assert_eq!(found.keys().next().unwrap().to_string(), "[fd00::7]:8080");
     }
 
     #[test]

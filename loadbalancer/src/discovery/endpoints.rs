@@ -7,21 +7,22 @@
 //! hold more than 1000 endpoints), but many guides still teach it, so it is
 //! kept here for comparison.
 
-use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 
 #[allow(deprecated)] // v1 Endpoints: deprecated, kept on purpose (see the module doc)
 use k8s_openapi::api::core::v1::Endpoints;
 
+use crate::balancer::{BackendSet, Pod};
 use crate::config::BackendPort;
 
-/// The ready backend addresses in `endpoints`.
+/// The ready backend addresses in `endpoints`, with the pod and node each
+/// one is (v1 Endpoints know no zone).
 #[allow(deprecated)]
 pub fn backends<'a>(
     endpoints: impl IntoIterator<Item = &'a Endpoints>,
     wanted: &BackendPort,
-) -> BTreeSet<SocketAddr> {
-    let mut found = BTreeSet::new();
+) -> BackendSet {
+    let mut found = BackendSet::new();
     for subset in endpoints
         .into_iter()
         .flat_map(|e| e.subsets.iter().flatten())
@@ -36,7 +37,16 @@ pub fn backends<'a>(
         // `notReadyAddresses` are deliberately not used.
         for address in subset.addresses.iter().flatten() {
             if let Ok(ip) = address.ip.parse::<IpAddr>() {
-                found.insert(SocketAddr::new(ip, port));
+                let pod = Pod {
+                    name: address
+                        .target_ref
+                        .as_ref()
+                        .filter(|target| target.kind.as_deref() == Some("Pod"))
+                        .and_then(|target| target.name.clone()),
+                    node: address.node_name.clone(),
+                    zone: None,
+                };
+                found.insert(SocketAddr::new(ip, port), pod);
             }
         }
     }
@@ -70,9 +80,9 @@ mod tests {
             }]),
             ..Endpoints::default()
         };
-        let expected: BTreeSet<SocketAddr> = ["10.0.0.1:8080", "[fd00::2]:8080"]
+        let expected: BackendSet = ["10.0.0.1:8080", "[fd00::2]:8080"]
             .iter()
-            .map(|a| a.parse().unwrap())
+            .map(|a| (a.parse().unwrap(), Pod::default()))
             .collect();
         assert_eq!(backends([&endpoints], &BackendPort::Number(8080)), expected);
         assert_eq!(

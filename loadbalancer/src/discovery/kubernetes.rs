@@ -13,10 +13,8 @@
 //! serving the last set it knew. Never `try_for_each` or `?` on a watch
 //! stream: the first recoverable error would end it for good.
 
-use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::hash::Hash;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,9 +25,9 @@ use kube::runtime::{WatchStreamExt, reflector};
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
-use super::publish;
+use super::{Status, publish};
 use crate::admin::Readiness;
-use crate::balancer::Balancer;
+use crate::balancer::{BackendSet, Balancer};
 
 /// What is being watched, for log lines and error messages.
 #[derive(Debug, Clone)]
@@ -47,9 +45,10 @@ pub async fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     watched: Watched,
-    to_backends: impl Fn(&[Arc<K>]) -> BTreeSet<SocketAddr>,
+    to_backends: impl Fn(&[Arc<K>]) -> BackendSet,
     balancer: Arc<Balancer>,
     readiness: Arc<Readiness>,
+    status: Arc<Status>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
@@ -69,6 +68,7 @@ pub async fn watch<K>(
     while let Some(event) = events.next().await {
         if event.is_ok() {
             backoff.reset();
+            status.event();
         }
         match event {
             // The store is swapped in whole at InitDone; before it, it still
@@ -83,6 +83,8 @@ pub async fn watch<K>(
             }
             Err(error) => {
                 let message = describe(&error, &watched);
+                balancer.totals.discovery_error(reason(&error));
+                status.error(&message);
                 // One line per kind of trouble, not one per retry.
                 if last_error.as_deref() != Some(message.as_str()) {
                     if is_forbidden(&error) {
@@ -133,6 +135,16 @@ fn status_code(error: &watcher::Error) -> Option<u16> {
         | watcher::Error::WatchFailed(kube::Error::Api(status)) => Some(status.code),
         watcher::Error::WatchError(status) => Some(status.code),
         _ => None,
+    }
+}
+
+/// A word for the metrics' `reason` label: a small, fixed set.
+fn reason(error: &watcher::Error) -> &'static str {
+    match status_code(error) {
+        Some(403) => "forbidden",
+        Some(410) => "expired",
+        Some(_) => "api_error",
+        None => "unreachable",
     }
 }
 

@@ -18,16 +18,17 @@ pub mod endpoint_slices;
 pub mod endpoints;
 pub mod kubernetes;
 
-use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use jiff::Timestamp;
+use serde::Serialize;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher;
 use kube::{Api, Client};
 
 use crate::admin::Readiness;
-use crate::balancer::Balancer;
+use crate::balancer::{BackendSet, Balancer, Pod};
 use crate::config::{Source, WatchedApi};
 use kubernetes::Watched;
 
@@ -41,16 +42,85 @@ pub enum DiscoveryError {
     Client(#[source] kube::Error),
 }
 
-/// Starts the configured source. It publishes into `balancer` and marks
-/// `readiness` synced once the first full list is in.
+/// How discovery is doing, for `/backends` and the admin page.
+#[derive(Debug, Default)]
+pub struct Status(Mutex<StatusReport>);
+
+/// What [`Status`] reports.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    /// `static`, `endpointslices` or `endpoints`.
+    pub source: &'static str,
+    /// `starting` (no full list yet), `synced`, or `retrying` after an error.
+    pub state: &'static str,
+    pub last_error: Option<String>,
+    /// Since when the current state holds.
+    pub since: Option<Timestamp>,
+    /// When the last list or watch event arrived.
+    pub last_event: Option<Timestamp>,
+}
+
+impl Status {
+    fn update(&self, change: impl FnOnce(&mut StatusReport)) {
+        if let Ok(mut report) = self.0.lock() {
+            change(&mut report);
+        }
+    }
+
+    fn start(&self, source: &'static str) {
+        self.update(|report| {
+            *report = StatusReport {
+                source,
+                state: "starting",
+                since: Some(Timestamp::now()),
+                ..StatusReport::default()
+            }
+        });
+    }
+
+    /// A list or watch event arrived: we are in sync again.
+    fn event(&self) {
+        self.update(|report| {
+            let now = Timestamp::now();
+            if report.state != "synced" {
+                report.state = "synced";
+                report.since = Some(now);
+                report.last_error = None;
+            }
+            report.last_event = Some(now);
+        });
+    }
+
+    /// The watch failed with `message`; it is retried.
+    fn error(&self, message: &str) {
+        self.update(|report| {
+            if report.state != "retrying" {
+                report.state = "retrying";
+                report.since = Some(Timestamp::now());
+            }
+            report.last_error = Some(message.to_owned());
+        });
+    }
+
+    pub fn report(&self) -> StatusReport {
+        self.0.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+/// Starts the configured source. It publishes into `balancer`, marks
+/// `readiness` synced once the first full list is in, and keeps `status`.
 pub async fn start(
     source: &Source,
     balancer: Arc<Balancer>,
     readiness: Arc<Readiness>,
+    status: Arc<Status>,
 ) -> Result<(), DiscoveryError> {
     let (api, service, port) = match source {
         Source::Static(addrs) => {
-            publish(&balancer, &addrs.iter().copied().collect());
+            status.start("static");
+            publish(&balancer, &static_set(addrs));
+            status.event();
             readiness.mark_synced();
             return Ok(());
         }
@@ -75,6 +145,7 @@ pub async fn start(
                 selector: format!("metadata.name={service}"),
             };
             tracing::info!(namespace, selector = watched.selector, %port, "watching v1 Endpoints");
+            status.start("endpoints");
             let config = watcher::Config::default().fields(&watched.selector);
             #[allow(deprecated)] // v1 Endpoints, kept on purpose: see endpoints.rs
             let api: Api<k8s_openapi::api::core::v1::Endpoints> =
@@ -86,6 +157,7 @@ pub async fn start(
                 move |objects| endpoints::backends(objects.iter().map(|o| o.as_ref()), &port),
                 balancer,
                 readiness,
+                status,
             ));
         }
         WatchedApi::EndpointSlices => {
@@ -95,6 +167,7 @@ pub async fn start(
                 selector: format!("kubernetes.io/service-name={service}"),
             };
             tracing::info!(namespace, selector = watched.selector, %port, "watching EndpointSlices");
+            status.start("endpointslices");
             let config = watcher::Config::default().labels(&watched.selector);
             let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
             tokio::spawn(kubernetes::watch(
@@ -104,15 +177,21 @@ pub async fn start(
                 move |slices| endpoint_slices::backends(slices.iter().map(|s| s.as_ref()), &port),
                 balancer,
                 readiness,
+                status,
             ));
         }
     }
     Ok(())
 }
 
-/// Publishes `addrs` as the new backend set and logs the change, if any.
-pub fn publish(balancer: &Balancer, addrs: &BTreeSet<SocketAddr>) {
-    let change = balancer.publish(addrs);
+/// A fixed list as a backend set: addresses, no pods.
+pub fn static_set(addrs: &[std::net::SocketAddr]) -> BackendSet {
+    addrs.iter().map(|addr| (*addr, Pod::default())).collect()
+}
+
+/// Publishes `set` as the new backend set and logs the change, if any.
+pub fn publish(balancer: &Balancer, set: &BackendSet) {
+    let change = balancer.publish(set);
     if !change.added.is_empty() || !change.removed.is_empty() {
         tracing::info!(
             added = change.added.len(),

@@ -37,6 +37,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use super::source_chain;
+use crate::metrics::InFlight;
 
 /// Why a body ended before it was complete.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -85,6 +86,9 @@ pub struct Timed<B> {
     waiting: bool,
     side: Side,
     upload: Option<Arc<Upload>>,
+    /// A response counts as in flight on its backend until its body is
+    /// finished or dropped; the guard lives here for that.
+    _in_flight: Option<InFlight>,
 }
 
 impl<B> Timed<B> {
@@ -102,16 +106,18 @@ impl<B> Timed<B> {
             waiting: false,
             side: Side::Client(client),
             upload: Some(upload),
+            _in_flight: None,
         }
     }
 
     /// The response body of `backend`, to a request whose body (if it had
-    /// one) is `upload`.
+    /// one) is `upload`; `in_flight` is released with the body.
     pub fn from_backend(
         inner: B,
         idle: Duration,
         backend: SocketAddr,
         upload: Option<Arc<Upload>>,
+        in_flight: Option<InFlight>,
     ) -> Timed<B> {
         Timed {
             inner,
@@ -120,6 +126,7 @@ impl<B> Timed<B> {
             waiting: false,
             side: Side::Backend(backend),
             upload,
+            _in_flight: in_flight,
         }
     }
 
@@ -281,8 +288,13 @@ mod tests {
         let upload = Arc::<Upload>::default();
         let (_sender, inner) = fed();
         let backend = "127.0.0.1:9001".parse().unwrap();
-        let mut response =
-            Timed::from_backend(inner, Duration::from_secs(5), backend, Some(upload.clone()));
+        let mut response = Timed::from_backend(
+            inner,
+            Duration::from_secs(5),
+            backend,
+            Some(upload.clone()),
+            None,
+        );
         let waited = tokio::time::timeout(Duration::from_secs(60), response.frame()).await;
         assert!(waited.is_err(), "still waiting after 60 s of upload");
 

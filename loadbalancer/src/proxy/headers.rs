@@ -12,14 +12,21 @@
 //!   used (as nginx's `proxy_set_header Host $host` does); which backend
 //!   served is in `x-served-by` on the response.
 //! - An upgrade (WebSocket) keeps its `Connection: upgrade` and `Upgrade`.
+//! - `X-Request-Id` ties the log lines of one request together across the
+//!   two binaries: a sane one from the client is kept, else we make one; it
+//!   goes to the backend and comes back on the response.
 
 use std::fmt::Write as _;
+use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Names the backend that served, so `curl -i` shows the rotation.
 pub const SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -107,6 +114,26 @@ pub fn prepare_request_headers(
     }
 }
 
+/// The client's `X-Request-Id` if it is sane (1 to 128 letters, digits and
+/// `-_.:`, so it is safe in a log line), else a new one: 32 hex digits,
+/// unique per process (a random start, then a counter).
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    let sane = |value: &&HeaderValue| {
+        let bytes = value.as_bytes();
+        (1..=128).contains(&bytes.len())
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+    };
+    if let Some(kept) = headers.get(X_REQUEST_ID).filter(sane) {
+        return kept.clone();
+    }
+    static START: LazyLock<u64> = LazyLock::new(|| RandomState::new().hash_one(0));
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let id = format!("{:016x}{:016x}", *START, NEXT.fetch_add(1, Relaxed));
+    HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("invalid"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,5 +211,19 @@ mod tests {
             upgrade_protocol(&headers(&[("upgrade", "websocket")])),
             None
         );
+    }
+
+    #[test]
+    fn a_sane_request_id_is_kept_and_others_are_replaced() {
+        let kept = request_id(&headers(&[("x-request-id", "abc-123_x.y:z")]));
+        assert_eq!(kept, "abc-123_x.y:z");
+        for bad in ["", "has space", "quote\"", &"x".repeat(129)] {
+            let mut map = HeaderMap::new();
+            map.insert(X_REQUEST_ID, HeaderValue::from_str(bad).unwrap());
+            let made = request_id(&map);
+            assert_ne!(made, bad);
+            assert_eq!(made.len(), 32, "{made:?}");
+        }
+        assert_ne!(request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
     }
 }

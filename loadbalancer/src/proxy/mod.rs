@@ -38,6 +38,7 @@ pub mod headers;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -54,9 +55,12 @@ use nix::errno::Errno;
 
 use crate::balancer::{Backend, Balancer};
 use crate::config::Settings;
+use crate::metrics::InFlight;
 use body::{BodyError, Timed, Upload};
-pub use headers::SERVED_BY;
-use headers::{prepare_request_headers, remove_hop_by_hop, restore_upgrade, upgrade_protocol};
+pub use headers::{SERVED_BY, X_REQUEST_ID};
+use headers::{
+    prepare_request_headers, remove_hop_by_hop, request_id, restore_upgrade, upgrade_protocol,
+};
 
 /// The body of a response to the client: the backend's, streamed, or our
 /// own JSON error.
@@ -72,6 +76,8 @@ pub struct Proxy {
     request_timeout: Duration,
     body_idle_timeout: Duration,
     retries: u32,
+    /// One `proxied` line per request (`accessLog`).
+    access_log: AtomicBool,
 }
 
 /// How one attempt ended badly, and whose fault it was. Each carries the
@@ -108,6 +114,7 @@ impl Proxy {
             request_timeout: settings.request_timeout,
             body_idle_timeout: settings.body_idle_timeout,
             retries: settings.retries,
+            access_log: AtomicBool::new(true),
         }
     }
 
@@ -127,6 +134,8 @@ impl Proxy {
         let upgrade = upgrade_protocol(request.headers());
         let mut client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
+        let request_id = request_id(&parts.headers);
+        parts.headers.insert(X_REQUEST_ID, request_id.clone());
         let path = parts
             .uri
             .path_and_query()
@@ -169,8 +178,9 @@ impl Proxy {
                 upstream_body,
             );
 
+            let in_flight = InFlight::start(backend.clone());
             match self.send(outgoing, client_upgrade.is_some()).await {
-                Ok(response) => break Ok((backend, response)),
+                Ok(response) => break Ok((backend, response, in_flight)),
                 Err(failure) if self.retry_after(&failure, &backend, may_retry, idempotent) => {
                     tried.push(backend.addr);
                     last_failure = Some((backend, failure));
@@ -179,31 +189,47 @@ impl Proxy {
             }
         };
 
-        let (backend, mut response) = match outcome {
-            Ok((backend, response)) => {
+        // `counted` is the backend the answer is counted against: the one
+        // that answered, or failed to; not one blameless for the failure.
+        let (backend, counted, mut response) = match outcome {
+            Ok((backend, response, in_flight)) => {
                 self.balancer.succeeded(&backend);
-                let response = self.relay(response, &backend, client_upgrade.take(), upload);
-                (Some(backend), response)
+                let response =
+                    self.relay(response, &backend, client_upgrade.take(), upload, in_flight);
+                (Some(backend.clone()), Some(backend), response)
             }
             Err((backend, failure)) => {
+                let blamed = failure.blames_backend().then(|| backend.clone()).flatten();
                 let response = self.failure_response(failure, backend.as_deref());
-                (backend, response)
+                (backend, blamed, response)
             }
         };
-        if let Some(backend) = &backend {
-            response
-                .headers_mut()
-                .insert(SERVED_BY, backend.label.clone());
+        let status = response.status();
+        match &counted {
+            Some(backend) => backend.stats.answered(status.as_u16(), start.elapsed()),
+            None => self.balancer.totals.unrouted(status.as_u16()),
         }
-        log(
-            &parts.method,
-            &parts.uri,
-            backend.map(|b| b.addr),
-            response.status(),
-            start,
-            tried.len(),
-        );
+        let headers = response.headers_mut();
+        if let Some(backend) = &backend {
+            headers.insert(SERVED_BY, backend.label.clone());
+        }
+        headers.insert(X_REQUEST_ID, request_id.clone());
+        if self.access_log.load(Relaxed) {
+            log(
+                &parts,
+                backend.as_deref(),
+                status,
+                start,
+                tried.len(),
+                &request_id,
+            );
+        }
         response
+    }
+
+    /// Turns the per-request log line on or off (`accessLog`).
+    pub fn set_access_log(&self, on: bool) {
+        self.access_log.store(on, Relaxed);
     }
 
     /// Sends one attempt and waits for the response head.
@@ -236,7 +262,7 @@ impl Proxy {
         may_retry: bool,
         idempotent: bool,
     ) -> bool {
-        match failure {
+        let retry = match failure {
             Failure::Unreachable(cause) => {
                 let cooldown = self.balancer.failed(backend);
                 tracing::warn!(backend = %backend.addr, ?cooldown, error = cause, "backend unreachable; cooling it down");
@@ -247,7 +273,14 @@ impl Proxy {
                 true
             }
             _ => false,
+        };
+        if failure.blames_backend() {
+            backend.stats.failed(&failure.to_string());
         }
+        if retry {
+            backend.stats.retried();
+        }
+        retry
     }
 
     /// The backend's response, made ready for the client: hop-by-hop headers
@@ -258,6 +291,7 @@ impl Proxy {
         backend: &Backend,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         upload: Option<Arc<Upload>>,
+        in_flight: InFlight,
     ) -> Response<ProxyBody> {
         if let Some(client_side) = client_upgrade
             && response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -271,7 +305,15 @@ impl Proxy {
             remove_hop_by_hop(response.headers_mut());
         }
         let idle = self.body_idle_timeout;
-        response.map(|body| Either::Left(Timed::from_backend(body, idle, backend.addr, upload)))
+        response.map(|body| {
+            Either::Left(Timed::from_backend(
+                body,
+                idle,
+                backend.addr,
+                upload,
+                Some(in_flight),
+            ))
+        })
     }
 
     fn failure_response(&self, failure: Failure, backend: Option<&Backend>) -> Response<ProxyBody> {
@@ -325,6 +367,30 @@ impl Proxy {
                     self.request_timeout.as_millis()
                 ),
             ),
+        }
+    }
+}
+
+impl Failure {
+    /// Whether the backend tried is the one at fault.
+    fn blames_backend(&self) -> bool {
+        matches!(
+            self,
+            Failure::Unreachable(_) | Failure::Failed(_) | Failure::TimedOut
+        )
+    }
+}
+
+impl std::fmt::Display for Failure {
+    /// The cause, for `/backends`' `lastError`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::NoBackend => write!(f, "no backend available"),
+            Failure::Unreachable(cause) => write!(f, "unreachable: {cause}"),
+            Failure::Local(cause) => write!(f, "out of local resources: {cause}"),
+            Failure::Client(error) => write!(f, "client: {error}"),
+            Failure::Failed(cause) => write!(f, "failed: {cause}"),
+            Failure::TimedOut => write!(f, "no answer within the request timeout"),
         }
     }
 }
@@ -413,20 +479,21 @@ pub fn error(status: StatusCode, message: &str) -> Response<ProxyBody> {
 }
 
 fn log(
-    method: &Method,
-    uri: &Uri,
-    backend: Option<SocketAddr>,
+    request: &hyper::http::request::Parts,
+    backend: Option<&Backend>,
     status: StatusCode,
     start: Instant,
     retries: usize,
+    request_id: &HeaderValue,
 ) {
     tracing::info!(
-        %method,
-        path = uri.path(),
-        backend = backend.map(|b| b.to_string()).unwrap_or_else(|| "none".into()),
+        method = %request.method,
+        path = request.uri.path(),
+        backend = backend.map_or("none", Backend::label_str),
         status = status.as_u16(),
         latency = ?start.elapsed(),
         retries,
+        request_id = request_id.to_str().unwrap_or(""),
         "proxied"
     );
 }
