@@ -18,7 +18,7 @@ REPLICAS ?= 5
 need = @command -v $(1) >/dev/null 2>&1 || { echo "make: '$(1)' is not installed; it is needed for this target (see README: Run it on kind)" >&2; exit 1; }
 
 .PHONY: help demo test build run-backend run-loadbalancer distribution bench \
-        up cluster images load deploy curl port-forward scale logs down
+        up cluster images load deploy curl port-forward dashboard scale logs down
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -86,6 +86,11 @@ curl: ## One request through the load balancer on kind, with headers
 port-forward: ## Alternative to the NodePort mapping: forward localhost:8080 to the load balancer
 	$(call need,kubectl)
 	$(KUBECTL) port-forward service/loadbalancer 8080:8080
+
+dashboard: ## The live page of the distribution: forwards localhost:8081 to the load balancer's admin port
+	$(call need,kubectl)
+	@echo "open http://localhost:8081/ (Ctrl-C to stop)"
+	$(KUBECTL) port-forward deployment/loadbalancer 8081:8081
 
 scale: ## Scale the backend Deployment (REPLICAS=n, default 5)
 	$(call need,kubectl)

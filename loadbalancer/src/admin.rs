@@ -11,13 +11,15 @@
 //!   pod, state and numbers, how discovery is doing, and the latest changes
 //!   of the set.
 //! - `GET /metrics`: Prometheus metrics (see [`crate::metrics`]).
+//! - `GET /`: a live page of the distribution (`dashboard.html`, embedded in
+//!   the binary; it reads `/backends` twice a second).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{Html, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
@@ -73,10 +75,11 @@ pub fn app(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/backends", get(backends))
         .route("/metrics", get(metrics))
+        .route("/", get(|| async { Html(include_str!("dashboard.html")) }))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
-                Json(json!({ "error": "admin routes: /healthz, /readyz, /backends, /metrics" })),
+                Json(json!({ "error": "admin routes: /, /healthz, /readyz, /backends, /metrics" })),
             )
         })
         .with_state(state)
