@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::config::ConfigError;
+use common::telemetry::LogFormat;
 use serde::Deserialize;
 
 /// Where the ConfigMap is mounted in the pod.
@@ -25,6 +26,12 @@ pub struct Config {
     /// keep-alive connection, to start the next one) before it is
     /// disconnected.
     pub header_read_timeout_ms: u64,
+    /// `info`, `debug`, or a filter (`RUST_LOG` wins when set).
+    pub log_level: String,
+    /// `text` or `json` (`LOG_FORMAT` wins when set).
+    pub log_format: LogFormat,
+    /// One log line per request.
+    pub access_log: bool,
 }
 
 impl Default for Config {
@@ -33,6 +40,9 @@ impl Default for Config {
             port: 8080,
             service_name: "backend".into(),
             header_read_timeout_ms: 10_000,
+            log_level: "info".into(),
+            log_format: LogFormat::Text,
+            access_log: true,
         }
     }
 }
@@ -63,6 +73,8 @@ impl Config {
             1..=600_000,
             " ms",
         )?;
+        common::telemetry::parse_level(&self.log_level)
+            .map_err(|reason| common::config::invalid(path, "logLevel", reason))?;
         Ok(self)
     }
 
@@ -86,7 +98,7 @@ mod tests {
             Ok(Config {
                 port: 9001,
                 service_name: "echo".into(),
-                header_read_timeout_ms: 10_000,
+                ..Config::default()
             })
         );
         assert_eq!(parse("{}"), Ok(Config::default()));
@@ -104,7 +116,8 @@ mod tests {
             parse("{\n  \"prot\": 80\n}"),
             Err(
                 "reading config config.json: field `prot`: line 2, column 8: \
-                 unknown field `prot`, expected one of `port`, `serviceName`, `headerReadTimeoutMs`"
+                 unknown field `prot`, expected one of `port`, `serviceName`, `headerReadTimeoutMs`, \
+                 `logLevel`, `logFormat`, `accessLog`"
                     .into()
             )
         );

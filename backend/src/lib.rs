@@ -12,6 +12,8 @@
 //! - [`identity`]: who this pod is, from the Downward API or local fallbacks.
 //! - [`routes`]: the HTTP routes, as one axum `Router`.
 //! - [`metrics`]: requests by route and status code, on `GET /metrics`.
+//! - [`reload`]: a changed config file (`serviceName`, `logLevel`,
+//!   `accessLog`) applied while running.
 //! - [`server`]: serving a listener until shutdown, draining in-flight requests.
 //!
 //! `src/main.rs` only parses flags, loads the config and calls [`server::run`].
@@ -19,5 +21,6 @@
 pub mod config;
 pub mod identity;
 pub mod metrics;
+pub mod reload;
 pub mod routes;
 pub mod server;

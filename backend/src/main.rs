@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use backend::config::{self, Config};
 use backend::identity::Identity;
+use backend::reload::Live;
 use backend::routes::AppState;
 use clap::Parser;
 
@@ -27,16 +28,16 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    common::telemetry::init();
-    common::shutdown::ignore_hangup();
-
-    let config = match Config::load(&cli.config) {
-        Ok(config) => config,
+    let loaded = common::config::read(&cli.config)
+        .and_then(|text| Config::parse(&cli.config, &text).map(|config| (config, text)));
+    let (config, text) = match loaded {
+        Ok(loaded) => loaded,
         Err(error) => {
             eprintln!("backend: {error}");
             return ExitCode::FAILURE;
         }
     };
+    let logging = common::telemetry::init(&config.log_level, config.log_format);
     let addr = SocketAddr::new(cli.host, cli.port.unwrap_or(config.port));
     let listener = match common::serve::bind(addr, common::serve::DEFAULT_BACKLOG) {
         Ok(listener) => listener,
@@ -61,10 +62,23 @@ async fn main() -> ExitCode {
     }
     tracing::info!(config = %cli.config.display(), ?identity, "starting");
 
+    let state = AppState::new(identity);
+    state.set_access_log(config.access_log);
+    let header_read_timeout = config.header_read_timeout();
+    let mut live = Live {
+        path: cli.config.clone(),
+        config,
+        state: state.clone(),
+        logging,
+    };
+    tokio::spawn(common::reload::watch(cli.config, text, move |text| {
+        live.apply(text)
+    }));
+
     match backend::server::run(
         listener,
-        AppState::new(identity),
-        config.header_read_timeout(),
+        state,
+        header_read_timeout,
         common::shutdown::signal_received(),
     )
     .await

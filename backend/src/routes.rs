@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
@@ -54,20 +55,35 @@ pub struct AppState(Arc<Shared>);
 
 #[derive(Debug)]
 struct Shared {
-    identity: Identity,
+    /// Swapped whole when `serviceName` changes in the config.
+    identity: ArcSwap<Identity>,
     ready: AtomicBool,
     requests: AtomicU64,
     metrics: Metrics,
+    access_log: AtomicBool,
 }
 
 impl AppState {
     pub fn new(identity: Identity) -> AppState {
         AppState(Arc::new(Shared {
-            identity,
+            identity: ArcSwap::from_pointee(identity),
             ready: AtomicBool::new(true),
             requests: AtomicU64::new(0),
             metrics: Metrics::default(),
+            access_log: AtomicBool::new(true),
         }))
+    }
+
+    /// Answers as `service_name` from now on.
+    pub fn set_service_name(&self, service_name: &str) {
+        let mut identity = Identity::clone(&self.0.identity.load());
+        identity.service_name = service_name.to_owned();
+        self.0.identity.store(Arc::new(identity));
+    }
+
+    /// Turns the per-request log line on or off.
+    pub fn set_access_log(&self, on: bool) {
+        self.0.access_log.store(on, Ordering::Relaxed);
     }
 
     /// From now on `/readyz` answers 503, so Kubernetes stops sending traffic.
@@ -113,19 +129,21 @@ struct WhoAmI<'a> {
 }
 
 impl AppState {
-    fn whoami<'a>(&'a self, headers: &'a HeaderMap, worked_ms: Option<u64>) -> WhoAmI<'a> {
-        WhoAmI {
-            identity: &self.0.identity,
+    fn whoami(&self, headers: &HeaderMap, worked_ms: Option<u64>) -> Response {
+        let identity = self.0.identity.load();
+        Json(WhoAmI {
+            identity: &identity,
             timestamp: jiff::Timestamp::now().to_string(),
             request_count: self.0.requests.fetch_add(1, Ordering::Relaxed) + 1,
             forwarded_for: headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()),
             worked_ms,
-        }
+        })
+        .into_response()
     }
 }
 
 async fn whoami(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    Json(state.whoami(&headers, None)).into_response()
+    state.whoami(&headers, None)
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -160,7 +178,7 @@ async fn work(
     };
     tracing::debug!(ms, "work started");
     tokio::time::sleep(Duration::from_millis(ms)).await;
-    Json(state.whoami(&headers, Some(ms))).into_response()
+    state.whoami(&headers, Some(ms))
 }
 
 async fn echo(headers: HeaderMap, body: Body) -> Response {
@@ -305,7 +323,7 @@ async fn log_request(State(state): State<AppState>, request: Request, next: Next
         .0
         .metrics
         .record(&route, status, latency.as_secs_f64());
-    if path == "/healthz" || path == "/readyz" {
+    if path == "/healthz" || path == "/readyz" || !state.0.access_log.load(Ordering::Relaxed) {
         tracing::debug!(%method, path, status, ?latency, ?peer, "request");
     } else {
         tracing::info!(%method, path, status, ?latency, ?peer, ?forwarded_for, request_id, "request");

@@ -72,6 +72,12 @@ pub const MAX_BYTES: u64 = 1024 * 1024;
 
 /// Reads and parses the config file at `path`.
 pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    parse(path, &read(path)?)
+}
+
+/// The text of the config file at `path`, if it is a regular file of at
+/// most [`MAX_BYTES`].
+pub fn read(path: &Path) -> Result<String, ConfigError> {
     let read_error = |source| ConfigError::Read {
         path: path.to_owned(),
         source,
@@ -97,7 +103,7 @@ pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
             MAX_BYTES / 1024
         )));
     }
-    parse(path, &text)
+    Ok(text)
 }
 
 fn file_kind(file_type: &std::fs::FileType) -> &'static str {

@@ -12,6 +12,8 @@
 //!   throttle for log lines that can repeat in a flood.
 //! - [`exposition`]: `/metrics` in OpenMetrics or the classic Prometheus
 //!   text format, as the scraper asks.
+//! - [`reload`]: noticing a changed config file (a ConfigMap updated in
+//!   place) and handing it to the binary to apply.
 //! - [`serve`]: serving HTTP/1.1 on a listener with the limits every
 //!   listener needs (header read timeout, head size, backlog), and graceful
 //!   shutdown.
@@ -22,6 +24,7 @@
 
 pub mod config;
 pub mod exposition;
+pub mod reload;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;

@@ -1,26 +1,107 @@
 //! One logging setup for both binaries.
 //!
 //! Logs go to stdout, where `kubectl logs` and `docker logs` look for them.
-//! `RUST_LOG` filters them (default `info`); `LOG_FORMAT=json` prints one JSON
-//! object per line for log collectors (and for our tests, which read them).
+//! What is logged and how come from the config file (`logLevel`,
+//! `logFormat`) or from the environment (`RUST_LOG`, `LOG_FORMAT`); the
+//! environment wins, as an operator's override at deploy time should. The
+//! level can change while running ([`Logging::set_level`]), through a reload
+//! layer around the filter; the format is fixed at startup.
 
 use std::io::IsTerminal;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use tracing_subscriber::EnvFilter;
+use serde::{Deserialize, Serialize};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _, Registry, reload};
 
-/// Installs the global subscriber. Call once, first thing in `main`.
-pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout);
-    if std::env::var("LOG_FORMAT").is_ok_and(|format| format.eq_ignore_ascii_case("json")) {
-        builder.json().flatten_event(true).init();
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors (and our tests).
+    Json,
+}
+
+/// Changes the running log level; made by [`init`].
+#[derive(Debug)]
+pub struct Logging {
+    filter: reload::Handle<EnvFilter, Registry>,
+    /// `RUST_LOG` is set, so the config's level is not used.
+    env_level: bool,
+}
+
+/// Checks a `logLevel` value: a level (`info`), or a filter such as
+/// `info,loadbalancer=debug`. A bare word that is not a level is refused:
+/// `EnvFilter` would take a typo such as `debgu` for a target name and
+/// quietly log nothing.
+pub fn parse_level(level: &str) -> Result<EnvFilter, String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let refuse = |why: String| {
+        format!(
+            "{level:?} is not a log level or filter ({why}); use one of {LEVELS:?}, or target=level pairs such as \"info,loadbalancer=debug\""
+        )
+    };
+    for directive in level.split(',').map(str::trim) {
+        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(refuse(format!(
+                "{directive:?} is neither a level nor target=level"
+            )));
+        }
+    }
+    EnvFilter::try_new(level).map_err(|e| refuse(e.to_string()))
+}
+
+/// Installs the global subscriber with the config's `level` and `format`,
+/// unless `RUST_LOG` or `LOG_FORMAT` say otherwise. Call once, right after
+/// the config is read.
+pub fn init(level: &str, format: LogFormat) -> Logging {
+    let env_level = std::env::var("RUST_LOG").is_ok_and(|v| !v.is_empty());
+    let filter = if env_level {
+        EnvFilter::from_default_env()
     } else {
-        builder.with_ansi(std::io::stdout().is_terminal()).init();
+        parse_level(level).unwrap_or_else(|_| EnvFilter::new("info"))
+    };
+    let format = match std::env::var("LOG_FORMAT") {
+        Ok(value) if value.eq_ignore_ascii_case("json") => LogFormat::Json,
+        Ok(value) if value.eq_ignore_ascii_case("text") => LogFormat::Text,
+        _ => format,
+    };
+    let (filter, handle) = reload::Layer::new(filter);
+    let output = tracing_subscriber::fmt::layer().with_writer(std::io::stdout);
+    let output = match format {
+        LogFormat::Json => output.json().flatten_event(true).boxed(),
+        LogFormat::Text => output.with_ansi(std::io::stdout().is_terminal()).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .init();
+    Logging {
+        filter: handle,
+        env_level,
+    }
+}
+
+impl Logging {
+    /// Logs at `level` from now on, unless `RUST_LOG` fixes the level.
+    /// Returns whether the level changed.
+    pub fn set_level(&self, level: &str) -> Result<bool, String> {
+        if self.env_level {
+            tracing::info!(
+                level,
+                "logLevel changed in the config, but RUST_LOG is set and wins"
+            );
+            return Ok(false);
+        }
+        let filter = parse_level(level)?;
+        self.filter.reload(filter).map_err(|e| e.to_string())?;
+        Ok(true)
     }
 }
 
@@ -67,6 +148,20 @@ impl Throttle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_level_is_a_level_or_target_level_pairs() {
+        assert!(parse_level("info").is_ok());
+        assert!(parse_level("WARN").is_ok());
+        assert!(parse_level("info,loadbalancer=debug,kube=warn").is_ok());
+        let error = parse_level("debgu").unwrap_err();
+        assert!(
+            error.starts_with("\"debgu\" is not a log level or filter"),
+            "{error}"
+        );
+        assert!(parse_level("").is_err());
+        assert!(parse_level("info,loadbalancer=loud").is_err());
+    }
 
     #[test]
     fn a_throttle_lets_one_line_through_per_period_and_counts_the_rest() {

@@ -101,6 +101,8 @@ pub struct Process {
     child: Child,
     stdout: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<String>>,
+    /// Joined once the process has exited, so that all of stderr is in.
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Process {
@@ -128,7 +130,7 @@ impl Process {
         });
         let mut err = child.stderr.take().unwrap();
         let text = stderr.clone();
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             let mut buf = String::new();
             let _ = err.read_to_string(&mut buf);
             text.lock().unwrap().push_str(&buf);
@@ -138,6 +140,7 @@ impl Process {
             child,
             stdout,
             stderr,
+            stderr_reader: Some(stderr_reader),
         }
     }
 
@@ -236,10 +239,15 @@ impl Process {
         let _ = self.child.wait();
     }
 
-    /// Waits (bounded) for the process to exit.
+    /// Waits (bounded) for the process to exit, and for all it wrote to
+    /// stderr to be read.
     pub fn wait_exit(&mut self) -> ExitStatus {
-        poll(PATIENCE, || self.child.try_wait().unwrap())
-            .unwrap_or_else(|| panic!("{} did not exit within {PATIENCE:?}", self.name))
+        let status = poll(PATIENCE, || self.child.try_wait().unwrap())
+            .unwrap_or_else(|| panic!("{} did not exit within {PATIENCE:?}", self.name));
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = reader.join();
+        }
+        status
     }
 }
 

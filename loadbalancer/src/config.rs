@@ -15,13 +15,14 @@ use std::time::Duration;
 
 use clap::Parser;
 use common::config::{ConfigError, in_range, invalid};
+use common::telemetry::LogFormat;
 use serde::{Deserialize, Serialize};
 
 /// Where the ConfigMap is mounted in the pod.
 pub const DEFAULT_PATH: &str = "/etc/config/config.json";
 
 /// A round-robin HTTP load balancer that discovers its backends from Kubernetes.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(version)]
 pub struct Cli {
     /// The JSON config file. Without this flag, /etc/config/config.json is
@@ -94,6 +95,13 @@ pub struct FileConfig {
     pub drain_delay_ms: u64,
     /// On SIGTERM: how long in-flight requests may take to finish.
     pub shutdown_timeout_ms: u64,
+    /// `info`, `debug`, or a filter such as `info,loadbalancer=debug`
+    /// (`RUST_LOG` wins when set).
+    pub log_level: String,
+    /// `text` or `json` (`LOG_FORMAT` wins when set).
+    pub log_format: LogFormat,
+    /// One `proxied` line per request.
+    pub access_log: bool,
 }
 
 impl Default for FileConfig {
@@ -116,6 +124,9 @@ impl Default for FileConfig {
             listen_backlog: u64::from(common::serve::DEFAULT_BACKLOG),
             drain_delay_ms: 1_000,
             shutdown_timeout_ms: 30_000,
+            log_level: "info".into(),
+            log_format: LogFormat::Text,
+            access_log: true,
         }
     }
 }
@@ -180,22 +191,42 @@ pub struct Settings {
     pub listen_backlog: u32,
     pub drain_delay: Duration,
     pub shutdown_timeout: Duration,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub access_log: bool,
+    /// The file these settings came from, if any: it is watched for changes.
+    pub file: Option<ConfigFile>,
+}
+
+/// A config file and the text it had when read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub text: String,
 }
 
 impl Settings {
     /// Reads the config file named by `cli` (or the default one, if present)
     /// and applies the flags over it.
     pub fn load(cli: &Cli) -> Result<Settings, ConfigError> {
-        let (path, file) = match &cli.config {
-            Some(path) => (path.clone(), common::config::load(path)?),
-            None if Path::new(DEFAULT_PATH).exists() => {
-                let path = PathBuf::from(DEFAULT_PATH);
-                let file = common::config::load(&path)?;
-                (path, file)
+        let path = match &cli.config {
+            Some(path) => path.clone(),
+            None if Path::new(DEFAULT_PATH).exists() => PathBuf::from(DEFAULT_PATH),
+            None => {
+                let none = Path::new("(no config file)");
+                return Settings::resolve(none, FileConfig::default(), cli);
             }
-            None => (PathBuf::from("(no config file)"), FileConfig::default()),
         };
-        Settings::resolve(&path, file, cli)
+        let text = common::config::read(&path)?;
+        Settings::parse(path, text, cli)
+    }
+
+    /// Parses config `text` read from `path` and applies the flags over it.
+    pub fn parse(path: PathBuf, text: String, cli: &Cli) -> Result<Settings, ConfigError> {
+        let file = common::config::parse(&path, &text)?;
+        let mut settings = Settings::resolve(&path, file, cli)?;
+        settings.file = Some(ConfigFile { path, text });
+        Ok(settings)
     }
 
     /// Applies the flags in `cli` over `file` and checks the result; `path`
@@ -315,6 +346,12 @@ impl Settings {
             listen_backlog: checked("listenBacklog", file.listen_backlog)? as u32,
             drain_delay: ms("drainDelayMs", file.drain_delay_ms)?,
             shutdown_timeout: ms("shutdownTimeoutMs", file.shutdown_timeout_ms)?,
+            log_level: common::telemetry::parse_level(&file.log_level)
+                .map(|_| file.log_level)
+                .map_err(|reason| invalid(path, "logLevel", reason))?,
+            log_format: file.log_format,
+            access_log: file.access_log,
+            file: None,
         })
     }
 }
@@ -518,6 +555,32 @@ mod tests {
             LIMITS.len(),
             "every duration and count is in LIMITS"
         );
+    }
+
+    #[test]
+    fn log_settings_are_read_and_checked() {
+        let settings = settings(
+            r#"{"logLevel": "debug,kube=warn", "logFormat": "json", "accessLog": false}"#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(settings.log_level, "debug,kube=warn");
+        assert_eq!(settings.log_format, LogFormat::Json);
+        assert!(!settings.access_log);
+        let error = settings_error(r#"{"logLevel": "loud!"}"#);
+        assert!(
+            error.starts_with("config lb.json: field `logLevel`: \"loud!\" is not a log level"),
+            "{error}"
+        );
+        let error = settings_error(r#"{"logFormat": "xml"}"#);
+        assert!(
+            error.contains("unknown variant `xml`, expected `text` or `json`"),
+            "{error}"
+        );
+    }
+
+    fn settings_error(json: &str) -> String {
+        settings(json, &[]).unwrap_err()
     }
 
     #[test]

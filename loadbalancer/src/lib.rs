@@ -15,6 +15,7 @@
 //! - [`proxy`]: the request path: retries, errors and whose fault they are,
 //!   upgrades; `proxy/headers.rs` rewrites headers, `proxy/body.rs` times
 //!   the bodies.
+//! - [`reload`]: a changed config file, applied while running.
 //! - [`server`]: the two listeners (through `common::serve`) and graceful
 //!   shutdown.
 //! - [`metrics`]: the numbers the request path counts, and `/metrics`.
@@ -26,4 +27,5 @@ pub mod config;
 pub mod discovery;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod server;

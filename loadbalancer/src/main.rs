@@ -8,19 +8,17 @@ use loadbalancer::server::{self, Listeners};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    common::telemetry::init();
-
     let settings = match Settings::load(&cli) {
         Ok(settings) => settings,
         Err(error) => return fail(&error),
     };
+    let logging = common::telemetry::init(&settings.log_level, settings.log_format);
     let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(error) => return fail(&error),
     };
     raise_file_limit();
     runtime.block_on(async {
-        common::shutdown::ignore_hangup();
         let listeners = match Listeners::bind(&settings) {
             Ok(listeners) => listeners,
             Err(error) => return fail(&error),
@@ -29,6 +27,8 @@ fn main() -> ExitCode {
         // instead of handing each new connection to another thread.
         let serving = tokio::spawn(server::run(
             settings,
+            cli,
+            logging,
             listeners,
             common::shutdown::signal_received(),
         ));

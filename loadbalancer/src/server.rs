@@ -20,15 +20,18 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use common::serve::Server;
+use common::telemetry::Logging;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminState, Readiness};
 use crate::balancer::Balancer;
-use crate::config::Settings;
+use crate::config::{Cli, Settings};
 use crate::discovery::{self, DiscoveryError};
 use crate::proxy::Proxy;
+use crate::reload::Live;
 
 /// The two listening sockets, bound before anything else starts so that a
 /// port in use is reported at once.
@@ -69,9 +72,11 @@ impl Listeners {
 }
 
 /// Runs the load balancer until `shutdown` completes and in-flight requests
-/// have finished.
+/// have finished. `cli` and `logging` are for applying config changes.
 pub async fn run(
     settings: Settings,
+    cli: Cli,
+    logging: Logging,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), DiscoveryError> {
@@ -86,6 +91,24 @@ pub async fn run(
     )
     .await?;
     let proxy = Arc::new(Proxy::new(balancer.clone(), &settings));
+    let live = Arc::new(Live {
+        settings: ArcSwap::from_pointee(settings.clone()),
+        cli,
+        proxy: proxy.clone(),
+        balancer: balancer.clone(),
+        logging,
+    });
+    match &settings.file {
+        Some(file) => {
+            let live = live.clone();
+            tokio::spawn(common::reload::watch(
+                file.path.clone(),
+                file.text.clone(),
+                move |text| live.apply(text),
+            ));
+        }
+        None => common::shutdown::ignore_hangup(),
+    }
 
     let address = |listener: &TcpListener| {
         listener
@@ -126,6 +149,7 @@ pub async fn run(
         .serve_until(&listeners.proxy, service_for, shutdown)
         .await;
     readiness.mark_shutting_down();
+    let settings = live.settings.load_full();
     tracing::info!(drain_delay = ?settings.drain_delay, "readiness now failing; still accepting during the drain delay");
     server
         .serve_until(

@@ -41,6 +41,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use common::telemetry::Throttle;
 use http_body_util::{Either, Empty, Full};
@@ -72,12 +73,21 @@ type UpstreamBody = Either<Timed<Incoming>, Empty<Bytes>>;
 #[derive(Debug)]
 pub struct Proxy {
     balancer: Arc<Balancer>,
+    /// Swapped whole when the config changes; read once per request.
+    upstream: ArcSwap<Upstream>,
+    /// One `proxied` line per request (`accessLog`).
+    access_log: AtomicBool,
+}
+
+/// How requests are sent: the pooled client and the limits from the config.
+#[derive(Debug)]
+struct Upstream {
     client: Client<HttpConnector, UpstreamBody>,
+    connect_timeout: Duration,
+    pool_idle_timeout: Duration,
     request_timeout: Duration,
     body_idle_timeout: Duration,
     retries: u32,
-    /// One `proxied` line per request (`accessLog`).
-    access_log: AtomicBool,
 }
 
 /// How one attempt ended badly, and whose fault it was. Each carries the
@@ -98,24 +108,55 @@ enum Failure {
     TimedOut,
 }
 
-impl Proxy {
-    pub fn new(balancer: Arc<Balancer>, settings: &Settings) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            // The idle timeout only takes effect with a timer to run it.
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .build(connector);
-        Proxy {
-            balancer,
+impl Upstream {
+    /// From `settings`, reusing `old`'s client (and its pooled
+    /// connections) when the connection settings did not change.
+    fn new(settings: &Settings, old: Option<&Upstream>) -> Upstream {
+        let client = match old {
+            Some(old)
+                if old.connect_timeout == settings.connect_timeout
+                    && old.pool_idle_timeout == settings.pool_idle_timeout =>
+            {
+                old.client.clone()
+            }
+            _ => {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                connector.set_connect_timeout(Some(settings.connect_timeout));
+                Client::builder(TokioExecutor::new())
+                    // The idle timeout only takes effect with a timer to run it.
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(settings.pool_idle_timeout)
+                    .build(connector)
+            }
+        };
+        Upstream {
             client,
+            connect_timeout: settings.connect_timeout,
+            pool_idle_timeout: settings.pool_idle_timeout,
             request_timeout: settings.request_timeout,
             body_idle_timeout: settings.body_idle_timeout,
             retries: settings.retries,
-            access_log: AtomicBool::new(true),
         }
+    }
+}
+
+impl Proxy {
+    pub fn new(balancer: Arc<Balancer>, settings: &Settings) -> Proxy {
+        Proxy {
+            balancer,
+            upstream: ArcSwap::from_pointee(Upstream::new(settings, None)),
+            access_log: AtomicBool::new(settings.access_log),
+        }
+    }
+
+    /// Applies changed timeouts, retries and `accessLog` to the requests
+    /// that start from now on; requests in flight finish as they began.
+    pub fn configure(&self, settings: &Settings) {
+        let old = self.upstream.load();
+        self.upstream
+            .store(Arc::new(Upstream::new(settings, Some(&old))));
+        self.access_log.store(settings.access_log, Relaxed);
     }
 
     /// Answers one client request, from a backend or with a JSON error.
@@ -125,6 +166,7 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
+        let upstream = self.upstream.load_full();
         if request.method() == Method::CONNECT {
             return error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -149,7 +191,7 @@ impl Proxy {
         let upload = (!replayable).then(Arc::<Upload>::default);
         let mut body = upload
             .clone()
-            .map(|upload| Timed::from_client(body, self.body_idle_timeout, peer, upload));
+            .map(|upload| Timed::from_client(body, upstream.body_idle_timeout, peer, upload));
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_failure = None;
 
@@ -160,7 +202,7 @@ impl Proxy {
                     None => (None, Failure::NoBackend),
                 });
             };
-            let may_retry = replayable && (tried.len() as u32) < self.retries;
+            let may_retry = replayable && (tried.len() as u32) < upstream.retries;
             let headers = if may_retry {
                 parts.headers.clone()
             } else {
@@ -179,7 +221,7 @@ impl Proxy {
             );
 
             let in_flight = InFlight::start(backend.clone());
-            match self.send(outgoing, client_upgrade.is_some()).await {
+            match send(&upstream, outgoing, client_upgrade.is_some()).await {
                 Ok(response) => break Ok((backend, response, in_flight)),
                 Err(failure) if self.retry_after(&failure, &backend, may_retry, idempotent) => {
                     tried.push(backend.addr);
@@ -194,13 +236,19 @@ impl Proxy {
         let (backend, counted, mut response) = match outcome {
             Ok((backend, response, in_flight)) => {
                 self.balancer.succeeded(&backend);
-                let response =
-                    self.relay(response, &backend, client_upgrade.take(), upload, in_flight);
+                let response = relay(
+                    response,
+                    &backend,
+                    upstream.body_idle_timeout,
+                    client_upgrade.take(),
+                    upload,
+                    in_flight,
+                );
                 (Some(backend.clone()), Some(backend), response)
             }
             Err((backend, failure)) => {
                 let blamed = failure.blames_backend().then(|| backend.clone()).flatten();
-                let response = self.failure_response(failure, backend.as_deref());
+                let response = failure_response(failure, backend.as_deref(), &upstream);
                 (backend, blamed, response)
             }
         };
@@ -225,32 +273,6 @@ impl Proxy {
             );
         }
         response
-    }
-
-    /// Turns the per-request log line on or off (`accessLog`).
-    pub fn set_access_log(&self, on: bool) {
-        self.access_log.store(on, Relaxed);
-    }
-
-    /// Sends one attempt and waits for the response head.
-    async fn send(
-        &self,
-        request: Request<UpstreamBody>,
-        asked_to_upgrade: bool,
-    ) -> Result<Response<Incoming>, Failure> {
-        let response =
-            match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
-                Ok(Ok(response)) => response,
-                Ok(Err(e)) => return Err(classify(&e)),
-                Err(_elapsed) => return Err(Failure::TimedOut),
-            };
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS && !asked_to_upgrade {
-            return Err(Failure::Failed(
-                "it answered 101 Switching Protocols to a request that did not ask to upgrade"
-                    .into(),
-            ));
-        }
-        Ok(response)
     }
 
     /// Whether to try another backend after `failure` on `backend`; an
@@ -282,92 +304,115 @@ impl Proxy {
         }
         retry
     }
+}
 
-    /// The backend's response, made ready for the client: hop-by-hop headers
-    /// dropped, the body timed, an upgrade tunnelled.
-    fn relay(
-        &self,
-        mut response: Response<Incoming>,
-        backend: &Backend,
-        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-        upload: Option<Arc<Upload>>,
-        in_flight: InFlight,
-    ) -> Response<ProxyBody> {
-        if let Some(client_side) = client_upgrade
-            && response.status() == StatusCode::SWITCHING_PROTOCOLS
-        {
-            let backend_side = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(client_side, backend_side, backend.addr));
-            let protocol = upgrade_protocol(response.headers());
-            remove_hop_by_hop(response.headers_mut());
-            restore_upgrade(response.headers_mut(), protocol.as_ref());
-        } else {
-            remove_hop_by_hop(response.headers_mut());
-        }
-        let idle = self.body_idle_timeout;
-        response.map(|body| {
-            Either::Left(Timed::from_backend(
-                body,
-                idle,
-                backend.addr,
-                upload,
-                Some(in_flight),
-            ))
-        })
+/// Sends one attempt and waits for the response head.
+async fn send(
+    upstream: &Upstream,
+    request: Request<UpstreamBody>,
+    asked_to_upgrade: bool,
+) -> Result<Response<Incoming>, Failure> {
+    let request = upstream.client.request(request);
+    let response = match tokio::time::timeout(upstream.request_timeout, request).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => return Err(classify(&e)),
+        Err(_elapsed) => return Err(Failure::TimedOut),
+    };
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS && !asked_to_upgrade {
+        return Err(Failure::Failed(
+            "it answered 101 Switching Protocols to a request that did not ask to upgrade".into(),
+        ));
     }
+    Ok(response)
+}
 
-    fn failure_response(&self, failure: Failure, backend: Option<&Backend>) -> Response<ProxyBody> {
-        let addr = backend.map_or_else(|| "none".to_owned(), |b| b.addr.to_string());
-        match failure {
-            Failure::NoBackend => error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no backend is available: none was discovered, or all are cooling down after failures",
-            ),
-            // Nothing reached any backend: like "no backend available".
-            Failure::Unreachable(cause) => error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("no backend could be reached; the last, {addr}, failed: {cause}"),
-            ),
-            Failure::Local(cause) => {
-                static THROTTLE: Throttle = Throttle::new(Duration::from_secs(1));
-                if let Some(held_back) = THROTTLE.allow() {
-                    tracing::error!(
-                        error = cause,
-                        held_back,
-                        "the load balancer is out of file descriptors or local ports (not the backend's fault); raise the open file limit (ulimit -n) or lower the load"
-                    );
-                }
-                error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!(
-                        "the load balancer is short of its own resources ({cause}); the backend was not at fault, try again"
-                    ),
-                )
+/// The backend's response, made ready for the client: hop-by-hop headers
+/// dropped, the body timed, an upgrade tunnelled.
+fn relay(
+    mut response: Response<Incoming>,
+    backend: &Backend,
+    idle: Duration,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    upload: Option<Arc<Upload>>,
+    in_flight: InFlight,
+) -> Response<ProxyBody> {
+    if let Some(client_side) = client_upgrade
+        && response.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        let backend_side = hyper::upgrade::on(&mut response);
+        tokio::spawn(tunnel(client_side, backend_side, backend.addr));
+        let protocol = upgrade_protocol(response.headers());
+        remove_hop_by_hop(response.headers_mut());
+        restore_upgrade(response.headers_mut(), protocol.as_ref());
+    } else {
+        remove_hop_by_hop(response.headers_mut());
+    }
+    response.map(|body| {
+        Either::Left(Timed::from_backend(
+            body,
+            idle,
+            backend.addr,
+            upload,
+            Some(in_flight),
+        ))
+    })
+}
+
+fn failure_response(
+    failure: Failure,
+    backend: Option<&Backend>,
+    upstream: &Upstream,
+) -> Response<ProxyBody> {
+    let addr = backend.map_or_else(|| "none".to_owned(), |b| b.addr.to_string());
+    match failure {
+        Failure::NoBackend => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no backend is available: none was discovered, or all are cooling down after failures",
+        ),
+        // Nothing reached any backend: like "no backend available".
+        Failure::Unreachable(cause) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("no backend could be reached; the last, {addr}, failed: {cause}"),
+        ),
+        Failure::Local(cause) => {
+            static THROTTLE: Throttle = Throttle::new(Duration::from_secs(1));
+            if let Some(held_back) = THROTTLE.allow() {
+                tracing::error!(
+                    error = cause,
+                    held_back,
+                    "the load balancer is out of file descriptors or local ports (not the backend's fault); raise the open file limit (ulimit -n) or lower the load"
+                );
             }
-            // Logged where it happened, in `body`.
-            Failure::Client(BodyError::Stalled(idle)) => error(
-                StatusCode::REQUEST_TIMEOUT,
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
                 &format!(
-                    "the request body stalled: no data for {} ms (bodyIdleTimeoutMs)",
-                    idle.as_millis()
+                    "the load balancer is short of its own resources ({cause}); the backend was not at fault, try again"
                 ),
-            ),
-            Failure::Client(BodyError::Broken(cause)) => error(
-                StatusCode::BAD_REQUEST,
-                &format!("the request body could not be read: {cause}"),
-            ),
-            Failure::Failed(cause) => error(
-                StatusCode::BAD_GATEWAY,
-                &format!("backend {addr} failed: {cause}"),
-            ),
-            Failure::TimedOut => error(
-                StatusCode::GATEWAY_TIMEOUT,
-                &format!(
-                    "backend {addr} did not answer within {} ms",
-                    self.request_timeout.as_millis()
-                ),
-            ),
+            )
         }
+        // Logged where it happened, in `body`.
+        Failure::Client(BodyError::Stalled(idle)) => error(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!(
+                "the request body stalled: no data for {} ms (bodyIdleTimeoutMs)",
+                idle.as_millis()
+            ),
+        ),
+        Failure::Client(BodyError::Broken(cause)) => error(
+            StatusCode::BAD_REQUEST,
+            &format!("the request body could not be read: {cause}"),
+        ),
+        Failure::Failed(cause) => error(
+            StatusCode::BAD_GATEWAY,
+            &format!("backend {addr} failed: {cause}"),
+        ),
+        Failure::TimedOut => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!(
+                "backend {addr} did not answer within {} ms",
+                upstream.request_timeout.as_millis()
+            ),
+        ),
     }
 }
 

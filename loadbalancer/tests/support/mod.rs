@@ -85,7 +85,7 @@ pub struct LoadBalancer {
     pub process: Process,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
-    _config: tempfile::NamedTempFile,
+    _config: Option<tempfile::NamedTempFile>,
 }
 
 impl LoadBalancer {
@@ -99,7 +99,7 @@ impl LoadBalancer {
             process,
             addr,
             admin,
-            _config: config,
+            _config: Some(config),
         }
     }
 
@@ -149,7 +149,63 @@ pub fn start_load_balancer_with(config: Value, env: &[(&str, &str)]) -> LoadBala
         process,
         addr,
         admin,
-        _config: file,
+        _config: Some(file),
+    }
+}
+
+/// A config directory laid out as the kubelet lays out a ConfigMap volume:
+/// `config.json -> ..data/config.json`, `..data -> ..<version>/`. Each
+/// [`ConfigMapDir::write`] makes a new version directory and swaps the
+/// `..data` link to it atomically, as the kubelet does on an update.
+pub struct ConfigMapDir {
+    dir: tempfile::TempDir,
+    versions: usize,
+}
+
+impl ConfigMapDir {
+    pub fn new(config: &Value) -> ConfigMapDir {
+        let mut configmap = ConfigMapDir {
+            dir: tempfile::tempdir().unwrap(),
+            versions: 0,
+        };
+        configmap.write(&config.to_string());
+        std::os::unix::fs::symlink("..data/config.json", configmap.path()).unwrap();
+        configmap
+    }
+
+    /// The path a pod reads: `<dir>/config.json`.
+    pub fn path(&self) -> std::path::PathBuf {
+        self.dir.path().join("config.json")
+    }
+
+    /// Publishes `text` as the new content.
+    pub fn write(&mut self, text: &str) {
+        self.versions += 1;
+        let version = format!("..2026_11_22_{}", self.versions);
+        std::fs::create_dir(self.dir.path().join(&version)).unwrap();
+        std::fs::write(self.dir.path().join(&version).join("config.json"), text).unwrap();
+        let staged = self.dir.path().join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &staged).unwrap();
+        std::fs::rename(&staged, self.dir.path().join("..data")).unwrap();
+    }
+}
+
+/// Starts the load balancer reading its config from `configmap`, with no
+/// `RUST_LOG`, so that the file's `logLevel` is in force.
+pub fn start_load_balancer_from(configmap: &ConfigMapDir) -> LoadBalancer {
+    let mut command = Command::new(binary("loadbalancer"));
+    command
+        .args(["--host", "127.0.0.1", "--config"])
+        .arg(configmap.path())
+        .env("RUST_LOG", "");
+    let mut process = Process::start("loadbalancer", command);
+    let addr = process.listening_on("proxy");
+    let admin = process.listening_on("admin");
+    LoadBalancer {
+        process,
+        addr,
+        admin,
+        _config: None,
     }
 }
 

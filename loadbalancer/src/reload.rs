@@ -1,0 +1,143 @@
+//! Applying a changed config file to the running load balancer.
+//!
+//! [`common::reload`] notices the change; [`Live::apply`] decides what it
+//! means. The new file is checked exactly as at startup (same parser, same
+//! ranges, same flags over it); if it fails, nothing changes. Otherwise:
+//!
+//! | changes live | needs a restart |
+//! |---|---|
+//! | `backends` (static discovery), `connectTimeoutMs`, `requestTimeoutMs`, `bodyIdleTimeoutMs`, `retries`, `cooldownMs`, `poolIdleTimeoutMs`, `drainDelayMs`, `shutdownTimeoutMs`, `logLevel`, `accessLog` | `port`, `adminPort`, `listenBacklog`, `headerReadTimeoutMs`, `logFormat`, `discovery` and its Service |
+//!
+//! Requests already in flight finish with the settings they started with;
+//! the next request reads the new ones (one atomic load).
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use common::config::ConfigError;
+use common::reload::Outcome;
+use common::telemetry::Logging;
+
+use crate::balancer::Balancer;
+use crate::config::{Cli, Settings, Source};
+use crate::discovery;
+use crate::proxy::Proxy;
+
+/// The running load balancer, as far as a config change can reach it.
+#[derive(Debug)]
+pub struct Live {
+    /// The settings in force; shutdown reads its delays from here.
+    pub settings: ArcSwap<Settings>,
+    pub cli: Cli,
+    pub proxy: Arc<Proxy>,
+    pub balancer: Arc<Balancer>,
+    pub logging: Logging,
+}
+
+impl Live {
+    /// Checks the config `text` and applies what can change while running.
+    pub fn apply(&self, text: &str) -> Result<Outcome, ConfigError> {
+        let old = self.settings.load_full();
+        let path = old
+            .file
+            .as_ref()
+            .map(|f| f.path.clone())
+            .unwrap_or_default();
+        let new = match Settings::parse(path, text.to_owned(), &self.cli) {
+            Ok(new) => new,
+            Err(error) => {
+                self.balancer.totals.config_reloaded(false);
+                return Err(error);
+            }
+        };
+
+        let static_lists = match (&old.source, &new.source) {
+            (Source::Static(before), Source::Static(after)) => Some((before, after)),
+            _ => None,
+        };
+        let mut outcome = Outcome::default();
+        let restart_only = [
+            ("port", old.listen != new.listen),
+            ("adminPort", old.admin_listen != new.admin_listen),
+            ("listenBacklog", old.listen_backlog != new.listen_backlog),
+            (
+                "headerReadTimeoutMs",
+                old.header_read_timeout != new.header_read_timeout,
+            ),
+            ("logFormat", old.log_format != new.log_format),
+            (
+                "discovery",
+                static_lists.is_none() && old.source != new.source,
+            ),
+        ];
+        let live = [
+            (
+                "backends",
+                static_lists.is_some_and(|(before, after)| before != after),
+            ),
+            (
+                "connectTimeoutMs",
+                old.connect_timeout != new.connect_timeout,
+            ),
+            (
+                "requestTimeoutMs",
+                old.request_timeout != new.request_timeout,
+            ),
+            (
+                "bodyIdleTimeoutMs",
+                old.body_idle_timeout != new.body_idle_timeout,
+            ),
+            ("retries", old.retries != new.retries),
+            ("cooldownMs", old.cooldown != new.cooldown),
+            (
+                "poolIdleTimeoutMs",
+                old.pool_idle_timeout != new.pool_idle_timeout,
+            ),
+            ("drainDelayMs", old.drain_delay != new.drain_delay),
+            (
+                "shutdownTimeoutMs",
+                old.shutdown_timeout != new.shutdown_timeout,
+            ),
+            ("logLevel", old.log_level != new.log_level),
+            ("accessLog", old.access_log != new.access_log),
+        ];
+        outcome.need_restart = changed(&restart_only);
+        outcome.applied = changed(&live);
+
+        // What needs a restart keeps its running value.
+        let settings = Settings {
+            listen: old.listen,
+            admin_listen: old.admin_listen,
+            listen_backlog: old.listen_backlog,
+            header_read_timeout: old.header_read_timeout,
+            log_format: old.log_format,
+            source: match static_lists {
+                Some(_) => new.source.clone(),
+                None => old.source.clone(),
+            },
+            ..new
+        };
+        if let Source::Static(addrs) = &settings.source
+            && outcome.applied.contains(&"backends")
+        {
+            discovery::publish(&self.balancer, &discovery::static_set(addrs));
+        }
+        self.proxy.configure(&settings);
+        self.balancer.set_cooldown(settings.cooldown);
+        if outcome.applied.contains(&"logLevel") {
+            // Checked when parsed, so this cannot fail.
+            let _ = self.logging.set_level(&settings.log_level);
+        }
+        self.settings.store(Arc::new(settings));
+        self.balancer.totals.config_reloaded(true);
+        Ok(outcome)
+    }
+}
+
+fn changed(fields: &[(&'static str, bool)]) -> Vec<&'static str> {
+    fields
+        .iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(name, _)| *name)
+        .collect()
+}
