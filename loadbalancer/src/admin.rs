@@ -133,5 +133,5 @@ async fn backends(State(state): State<AdminState>) -> Json<Value> {
 }
 
 async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Response {
-    common::exposition::respond(&headers, metrics::encode(&state.balancer))
+    common::exposition::respond(&headers, metrics::encode(&state.balancer, &state.discovery))
 }

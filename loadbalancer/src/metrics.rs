@@ -23,6 +23,8 @@
 //! | `loadbalancer_backends` | `state` | backends per health state |
 //! | `loadbalancer_backend_set_changes_total` | | new snapshots published |
 //! | `loadbalancer_discovery_errors_total` | `reason` | watch and list errors |
+//! | `loadbalancer_discovery_synced` | | 1 while discovery is in sync, 0 while it retries |
+//! | `loadbalancer_discovery_last_event_timestamp_seconds` | | when the last list or watch event arrived |
 //! | `loadbalancer_config_reloads_total` | `result` | `applied` or `rejected` |
 
 use std::fmt::Write as _;
@@ -39,6 +41,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::balancer::{Backend, Balancer, State};
+use crate::discovery;
 
 /// Status codes 100 to 599, one counter each.
 const CODES: usize = 500;
@@ -252,18 +255,18 @@ impl Drop for InFlight {
 // === Encoding ===
 
 /// The whole exposition, in OpenMetrics text, for `GET /metrics`.
-pub fn encode(balancer: &Arc<Balancer>) -> String {
+pub fn encode(balancer: &Arc<Balancer>, discovery: &Arc<discovery::Status>) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(Scrape(balancer.clone())));
+    registry.register_collector(Box::new(Scrape(balancer.clone(), discovery.clone())));
     let mut text = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
     text
 }
 
-/// Reads the current snapshot at scrape time.
+/// Reads the current snapshot and discovery status at scrape time.
 #[derive(Debug)]
-struct Scrape(Arc<Balancer>);
+struct Scrape(Arc<Balancer>, Arc<discovery::Status>);
 
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -365,6 +368,23 @@ impl Collector for Scrape {
                 .encode(family.encode_family(&[("reason", reason.as_str())])?)?;
         }
 
+        let report = self.1.report();
+        ConstGauge::new(i64::from(report.state == "synced")).encode(encoder.encode_descriptor(
+            "loadbalancer_discovery_synced",
+            "1 while discovery is in sync with its source, 0 while it retries.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let last_event = report
+            .last_event
+            .map_or(0.0, |t| t.as_millisecond() as f64 / 1e3);
+        ConstGauge::new(last_event).encode(encoder.encode_descriptor(
+            "loadbalancer_discovery_last_event_timestamp_seconds",
+            "When the last list or watch event arrived, in seconds since 1970.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+
         let mut family = encoder.encode_descriptor(
             "loadbalancer_config_reloads",
             "Changed config files read while running, by whether they were applied.",
@@ -398,7 +418,7 @@ mod tests {
         for ms in [0, 3, 3, 40, 20_000] {
             backend.stats.answered(200, Duration::from_millis(ms));
         }
-        let text = encode(&balancer);
+        let text = encode(&balancer, &Arc::default());
         let bucket = |le: &str| {
             let prefix = format!(
                 "loadbalancer_request_duration_seconds_bucket{{le=\"{le}\",backend=\"10.0.0.1:80\"}} "

@@ -292,6 +292,26 @@ async fn traffic_keeps_flowing_while_the_api_server_is_away_and_changes_arrive_a
 
     c.api.stop();
     c.lb.process.wait_for_log("cannot watch", |_| true);
+    let http = Http::new();
+    let listed = http.get(&c.lb.admin_url("/backends")).await.json();
+    assert_eq!(listed["discovery"]["state"], "retrying", "{listed}");
+    assert!(
+        listed["discovery"]["lastError"]
+            .as_str()
+            .unwrap()
+            .starts_with("cannot watch"),
+        "{listed}"
+    );
+    let metrics =
+        String::from_utf8(http.get(&c.lb.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    assert!(
+        metrics.contains("loadbalancer_discovery_synced 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("loadbalancer_discovery_errors_total{reason=\"unreachable\"}"),
+        "{metrics}"
+    );
     assert_eq!(
         spread(&c.lb, 20).await,
         evenly(&[&pods[0], &pods[1]], 10),
