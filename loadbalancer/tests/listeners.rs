@@ -9,7 +9,7 @@ mod support;
 use std::net::SocketAddr;
 use std::process::Command;
 
-use common::testkit::{Http, PATIENCE, Process, binary, poll_async};
+use common::testkit::{Http, PATIENCE, binary, poll_async};
 use serde_json::json;
 use support::*;
 use tokio::io::AsyncWriteExt;
@@ -210,8 +210,5 @@ fn start_load_balancer_under(limit: &str, config: serde_json::Value) -> LoadBala
         .arg(binary("loadbalancer"))
         .args(["--host", "127.0.0.1", "--config"])
         .arg(file.path());
-    let mut process = Process::start("loadbalancer", command);
-    let addr = process.listening_on("proxy");
-    let admin = process.listening_on("admin");
-    LoadBalancer::new(process, addr, admin, file)
+    LoadBalancer::start(command, Some(file))
 }

@@ -82,11 +82,7 @@ pub fn backends<'a>(
 /// Which pod an endpoint is, as far as the slice says.
 fn pod(endpoint: &Endpoint) -> Pod {
     Pod {
-        name: endpoint
-            .target_ref
-            .as_ref()
-            .filter(|target| target.kind.as_deref() == Some("Pod"))
-            .and_then(|target| target.name.clone()),
+        name: super::pod_name(endpoint.target_ref.as_ref()),
         node: endpoint.node_name.clone(),
         zone: endpoint.zone.clone(),
     }

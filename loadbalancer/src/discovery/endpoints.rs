@@ -38,11 +38,7 @@ pub fn backends<'a>(
         for address in subset.addresses.iter().flatten() {
             if let Ok(ip) = address.ip.parse::<IpAddr>() {
                 let pod = Pod {
-                    name: address
-                        .target_ref
-                        .as_ref()
-                        .filter(|target| target.kind.as_deref() == Some("Pod"))
-                        .and_then(|target| target.name.clone()),
+                    name: super::pod_name(address.target_ref.as_ref()),
                     node: address.node_name.clone(),
                     zone: None,
                 };

@@ -184,6 +184,13 @@ pub async fn start(
     Ok(())
 }
 
+/// The pod an endpoint's `targetRef` names, if it names a pod.
+pub fn pod_name(target: Option<&k8s_openapi::api::core::v1::ObjectReference>) -> Option<String> {
+    target
+        .filter(|target| target.kind.as_deref() == Some("Pod"))
+        .and_then(|target| target.name.clone())
+}
+
 /// A fixed list as a backend set: addresses, no pods.
 pub fn static_set(addrs: &[std::net::SocketAddr]) -> BackendSet {
     addrs.iter().map(|addr| (*addr, Pod::default())).collect()

@@ -99,15 +99,7 @@ impl<B> Timed<B> {
         client: SocketAddr,
         upload: Arc<Upload>,
     ) -> Timed<B> {
-        Timed {
-            inner,
-            idle,
-            timer: None,
-            waiting: false,
-            side: Side::Client(client),
-            upload: Some(upload),
-            _in_flight: None,
-        }
+        Timed::new(inner, idle, Side::Client(client), Some(upload), None)
     }
 
     /// The response body of `backend`, to a request whose body (if it had
@@ -119,12 +111,22 @@ impl<B> Timed<B> {
         upload: Option<Arc<Upload>>,
         in_flight: Option<InFlight>,
     ) -> Timed<B> {
+        Timed::new(inner, idle, Side::Backend(backend), upload, in_flight)
+    }
+
+    fn new(
+        inner: B,
+        idle: Duration,
+        side: Side,
+        upload: Option<Arc<Upload>>,
+        in_flight: Option<InFlight>,
+    ) -> Timed<B> {
         Timed {
             inner,
             idle,
             timer: None,
             waiting: false,
-            side: Side::Backend(backend),
+            side,
             upload,
             _in_flight: in_flight,
         }

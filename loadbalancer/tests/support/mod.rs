@@ -89,17 +89,17 @@ pub struct LoadBalancer {
 }
 
 impl LoadBalancer {
-    pub fn new(
-        process: Process,
-        addr: SocketAddr,
-        admin: SocketAddr,
-        config: tempfile::NamedTempFile,
-    ) -> LoadBalancer {
+    /// Runs `command` (the binary, or a wrapper around it) and waits for
+    /// both ports; `config` is kept alive as long as the process.
+    pub fn start(command: Command, config: Option<tempfile::NamedTempFile>) -> LoadBalancer {
+        let mut process = Process::start("loadbalancer", command);
+        let addr = process.listening_on("proxy");
+        let admin = process.listening_on("admin");
         LoadBalancer {
             process,
             addr,
             admin,
-            _config: Some(config),
+            _config: config,
         }
     }
 
@@ -142,15 +142,7 @@ pub fn start_load_balancer_with(config: Value, env: &[(&str, &str)]) -> LoadBala
     for (name, value) in env {
         command.env(name, value);
     }
-    let mut process = Process::start("loadbalancer", command);
-    let addr = process.listening_on("proxy");
-    let admin = process.listening_on("admin");
-    LoadBalancer {
-        process,
-        addr,
-        admin,
-        _config: Some(file),
-    }
+    LoadBalancer::start(command, Some(file))
 }
 
 /// A config directory laid out as the kubelet lays out a ConfigMap volume:
@@ -198,15 +190,7 @@ pub fn start_load_balancer_from(configmap: &ConfigMapDir) -> LoadBalancer {
         .args(["--host", "127.0.0.1", "--config"])
         .arg(configmap.path())
         .env("RUST_LOG", "");
-    let mut process = Process::start("loadbalancer", command);
-    let addr = process.listening_on("proxy");
-    let admin = process.listening_on("admin");
-    LoadBalancer {
-        process,
-        addr,
-        admin,
-        _config: None,
-    }
+    LoadBalancer::start(command, None)
 }
 
 pub fn write_config(config: &Value) -> tempfile::NamedTempFile {
