@@ -32,6 +32,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// One log line per request.
     pub access_log: bool,
+    /// Added to every `GET /`, to make one replica slow for a lesson.
+    pub response_delay_ms: u64,
 }
 
 impl Default for Config {
@@ -43,6 +45,7 @@ impl Default for Config {
             log_level: "info".into(),
             log_format: LogFormat::Text,
             access_log: true,
+            response_delay_ms: 0,
         }
     }
 }
@@ -71,6 +74,13 @@ impl Config {
             "headerReadTimeoutMs",
             self.header_read_timeout_ms,
             1..=600_000,
+            " ms",
+        )?;
+        common::config::in_range(
+            path,
+            "responseDelayMs",
+            self.response_delay_ms,
+            0..=60_000,
             " ms",
         )?;
         common::telemetry::parse_level(&self.log_level)
@@ -117,7 +127,7 @@ mod tests {
             Err(
                 "reading config config.json: field `prot`: line 2, column 8: \
                  unknown field `prot`, expected one of `port`, `serviceName`, `headerReadTimeoutMs`, \
-                 `logLevel`, `logFormat`, `accessLog`"
+                 `logLevel`, `logFormat`, `accessLog`, `responseDelayMs`"
                     .into()
             )
         );

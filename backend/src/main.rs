@@ -23,6 +23,10 @@ struct Cli {
     /// The address to listen on.
     #[arg(long, default_value = "0.0.0.0")]
     host: IpAddr,
+    /// Wait this long before answering each `GET /` (the config's
+    /// `responseDelayMs`; the flag wins).
+    #[arg(long)]
+    response_delay_ms: Option<u64>,
 }
 
 #[tokio::main]
@@ -30,13 +34,20 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let loaded = common::config::read(&cli.config)
         .and_then(|text| Config::parse(&cli.config, &text).map(|config| (config, text)));
-    let (config, text) = match loaded {
+    let (mut config, text) = match loaded {
         Ok(loaded) => loaded,
         Err(error) => {
             eprintln!("backend: {error}");
             return ExitCode::FAILURE;
         }
     };
+    if let Some(delay) = cli.response_delay_ms {
+        if delay > 60_000 {
+            eprintln!("backend: --response-delay-ms: {delay} is out of range: use 0 to 60000");
+            return ExitCode::FAILURE;
+        }
+        config.response_delay_ms = delay;
+    }
     let logging = common::telemetry::init(&config.log_level, config.log_format);
     let addr = SocketAddr::new(cli.host, cli.port.unwrap_or(config.port));
     let listener = match common::serve::bind(addr, common::serve::DEFAULT_BACKLOG) {
@@ -64,12 +75,14 @@ async fn main() -> ExitCode {
 
     let state = AppState::new(identity);
     state.set_access_log(config.access_log);
+    state.set_response_delay(std::time::Duration::from_millis(config.response_delay_ms));
     let header_read_timeout = config.header_read_timeout();
     let mut live = Live {
         path: cli.config.clone(),
         config,
         state: state.clone(),
         logging,
+        response_delay_flag: cli.response_delay_ms,
     };
     tokio::spawn(common::reload::watch(cli.config, text, move |text| {
         live.apply(text)

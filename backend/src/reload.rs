@@ -2,7 +2,7 @@
 //!
 //! [`common::reload`] notices the change (a ConfigMap updated in place);
 //! [`Live::apply`] checks it as at startup and applies `serviceName`,
-//! `logLevel` and `accessLog` at once. `port`, `headerReadTimeoutMs` and
+//! `responseDelayMs`, `logLevel` and `accessLog` at once. `port`, `headerReadTimeoutMs` and
 //! `logFormat` need a restart and are reported as such.
 
 use std::path::PathBuf;
@@ -22,12 +22,17 @@ pub struct Live {
     pub config: Config,
     pub state: AppState,
     pub logging: Logging,
+    /// `--response-delay-ms`, which wins over the file.
+    pub response_delay_flag: Option<u64>,
 }
 
 impl Live {
     /// Checks the config `text` and applies what can change while running.
     pub fn apply(&mut self, text: &str) -> Result<Outcome, ConfigError> {
-        let new = Config::parse(&self.path, text)?;
+        let mut new = Config::parse(&self.path, text)?;
+        if let Some(delay) = self.response_delay_flag {
+            new.response_delay_ms = delay;
+        }
         let old = &self.config;
         let mut outcome = Outcome::default();
         for (field, changed) in [
@@ -50,6 +55,11 @@ impl Live {
             // Checked when parsed, so this cannot fail.
             let _ = self.logging.set_level(&new.log_level);
             outcome.applied.push("logLevel");
+        }
+        if old.response_delay_ms != new.response_delay_ms {
+            self.state
+                .set_response_delay(std::time::Duration::from_millis(new.response_delay_ms));
+            outcome.applied.push("responseDelayMs");
         }
         if old.access_log != new.access_log {
             self.state.set_access_log(new.access_log);

@@ -7,7 +7,7 @@
 //!
 //! | route | what it does |
 //! |---|---|
-//! | `GET /` | identity, timestamp, this pod's request count, `X-Forwarded-For` |
+//! | `GET /` | identity, timestamp, this pod's request count, `X-Forwarded-For` (after `responseDelayMs`) |
 //! | `GET /healthz` | liveness: 200 while the process runs |
 //! | `GET /readyz` | readiness: 503 once shutdown has started |
 //! | `GET /work?ms=N` | holds the request N ms (at most 60 s), then answers like `/` |
@@ -61,6 +61,8 @@ struct Shared {
     requests: AtomicU64,
     metrics: Metrics,
     access_log: AtomicBool,
+    /// `responseDelayMs`: how long `GET /` waits before answering.
+    response_delay_ms: AtomicU64,
 }
 
 impl AppState {
@@ -71,6 +73,7 @@ impl AppState {
             requests: AtomicU64::new(0),
             metrics: Metrics::default(),
             access_log: AtomicBool::new(true),
+            response_delay_ms: AtomicU64::new(0),
         }))
     }
 
@@ -79,6 +82,14 @@ impl AppState {
         let mut identity = Identity::clone(&self.0.identity.load());
         identity.service_name = service_name.to_owned();
         self.0.identity.store(Arc::new(identity));
+    }
+
+    /// Makes every `GET /` wait `delay` first (a slow replica, for the
+    /// lessons on balancing algorithms).
+    pub fn set_response_delay(&self, delay: Duration) {
+        self.0
+            .response_delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Turns the per-request log line on or off.
@@ -143,6 +154,10 @@ impl AppState {
 }
 
 async fn whoami(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let delay = state.0.response_delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     state.whoami(&headers, None)
 }
 

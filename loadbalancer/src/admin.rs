@@ -112,6 +112,7 @@ async fn backends(State(state): State<AdminState>) -> Json<Value> {
                 "node": b.pod.node,
                 "zone": b.pod.zone,
                 "state": b.state().as_str(),
+                "weight": state.balancer.weight_of(b),
                 "coolingDown": b.is_cooling_down(),
                 "requests": b.stats.requests(),
                 "inFlight": b.stats.in_flight(),
@@ -124,7 +125,7 @@ async fn backends(State(state): State<AdminState>) -> Json<Value> {
     changes.reverse();
     Json(json!({
         "discovery": state.discovery.report(),
-        "algorithm": "round_robin",
+        "algorithm": snapshot.algorithm.as_str(),
         "generation": snapshot.generation,
         "changedAt": snapshot.changed_at,
         "backends": list,

@@ -16,6 +16,8 @@ use std::time::Duration;
 use clap::Parser;
 use common::config::{ConfigError, in_range, invalid};
 use common::telemetry::LogFormat;
+
+use crate::balancer::{Algorithm, Weights};
 use serde::{Deserialize, Serialize};
 
 /// Where the ConfigMap is mounted in the pod.
@@ -102,6 +104,10 @@ pub struct FileConfig {
     pub log_format: LogFormat,
     /// One `proxied` line per request.
     pub access_log: bool,
+    /// How a backend is picked for each request.
+    pub algorithm: Algorithm,
+    /// For `weighted_round_robin`: weights by `IP:port` or pod-name prefix.
+    pub weights: Weights,
 }
 
 impl Default for FileConfig {
@@ -127,6 +133,8 @@ impl Default for FileConfig {
             log_level: "info".into(),
             log_format: LogFormat::Text,
             access_log: true,
+            algorithm: Algorithm::RoundRobin,
+            weights: Weights::new(),
         }
     }
 }
@@ -194,6 +202,8 @@ pub struct Settings {
     pub log_level: String,
     pub log_format: LogFormat,
     pub access_log: bool,
+    pub algorithm: Algorithm,
+    pub weights: Weights,
     /// The file these settings came from, if any: it is watched for changes.
     pub file: Option<ConfigFile>,
 }
@@ -332,6 +342,15 @@ impl Settings {
             in_range(path, field, value, range, unit)
         };
         let ms = |field: &str, value: u64| checked(field, value).map(Duration::from_millis);
+        for (key, weight) in &file.weights {
+            in_range(
+                path,
+                &format!("weights.{key}"),
+                u64::from(*weight),
+                1..=100,
+                "",
+            )?;
+        }
         Ok(Settings {
             listen: SocketAddr::new(cli.host, file.port),
             admin_listen: SocketAddr::new(cli.host, file.admin_port),
@@ -351,6 +370,8 @@ impl Settings {
                 .map_err(|reason| invalid(path, "logLevel", reason))?,
             log_format: file.log_format,
             access_log: file.access_log,
+            algorithm: file.algorithm,
+            weights: file.weights,
             file: None,
         })
     }
@@ -554,6 +575,24 @@ mod tests {
             numbers,
             LIMITS.len(),
             "every duration and count is in LIMITS"
+        );
+    }
+
+    #[test]
+    fn the_algorithm_and_weights_are_read_and_checked() {
+        let settings = settings(
+            r#"{"algorithm": "weighted_round_robin", "weights": {"backend-a": 5}}"#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(settings.algorithm, Algorithm::WeightedRoundRobin);
+        assert_eq!(settings.weights["backend-a"], 5);
+        assert_eq!(
+            settings_error(r#"{"weights": {"backend-a": 0}}"#),
+            "config lb.json: field `weights.backend-a`: 0 is out of range: use 1 to 100"
+        );
+        assert!(
+            settings_error(r#"{"algorithm": "fastest"}"#).contains("unknown variant `fastest`")
         );
     }
 

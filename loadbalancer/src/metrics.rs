@@ -21,6 +21,7 @@
 //! | `loadbalancer_in_flight_requests` | `backend` | until the response body is sent or dropped |
 //! | `loadbalancer_retries_total` | `backend` | failed attempts retried on another backend |
 //! | `loadbalancer_backends` | `state` | backends per health state |
+//! | `loadbalancer_algorithm` | `algorithm` | 1 for the algorithm in use |
 //! | `loadbalancer_backend_set_changes_total` | | new snapshots published |
 //! | `loadbalancer_discovery_errors_total` | `reason` | watch and list errors |
 //! | `loadbalancer_discovery_synced` | | 1 while discovery is in sync, 0 while it retries |
@@ -60,6 +61,9 @@ pub struct BackendStats {
     retries: AtomicU64,
     errors: AtomicU64,
     duration: Histogram,
+    /// A decaying average of the time to the response head, in µs, for
+    /// power of two choices to break ties.
+    latency_micros: AtomicU64,
     /// Only written when something fails, never on the happy path.
     last_error: Mutex<Option<String>>,
 }
@@ -105,6 +109,7 @@ impl Default for BackendStats {
             retries: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             duration: Histogram::default(),
+            latency_micros: AtomicU64::new(0),
             last_error: Mutex::new(None),
         }
     }
@@ -117,6 +122,17 @@ impl BackendStats {
             self.codes[i].fetch_add(1, Relaxed);
         }
         self.duration.observe(elapsed);
+        // new = old + (sample - old) / 8; a lost update between two racing
+        // requests only blurs an average.
+        let old = self.latency_micros.load(Relaxed) as i64;
+        let sample = elapsed.as_micros() as i64;
+        self.latency_micros
+            .store((old + (sample - old) / 8) as u64, Relaxed);
+    }
+
+    /// The decaying average time to the response head, in µs.
+    pub fn latency_micros(&self) -> u64 {
+        self.latency_micros.load(Relaxed)
     }
 
     /// An attempt on this backend failed and was retried on another.
@@ -332,6 +348,15 @@ impl Collector for Scrape {
             ConstCounter::new(backend.stats.retries.load(Relaxed))
                 .encode(family.encode_family(&[("backend", backend.label_str())])?)?;
         }
+
+        let mut family = encoder.encode_descriptor(
+            "loadbalancer_algorithm",
+            "The balancing algorithm in use (1 for the current one).",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(1)
+            .encode(family.encode_family(&[("algorithm", snapshot.algorithm.as_str())])?)?;
 
         let mut family = encoder.encode_descriptor(
             "loadbalancer_backends",

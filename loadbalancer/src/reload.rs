@@ -6,7 +6,7 @@
 //!
 //! | changes live | needs a restart |
 //! |---|---|
-//! | `backends` (static discovery), `connectTimeoutMs`, `requestTimeoutMs`, `bodyIdleTimeoutMs`, `retries`, `cooldownMs`, `poolIdleTimeoutMs`, `drainDelayMs`, `shutdownTimeoutMs`, `logLevel`, `accessLog` | `port`, `adminPort`, `listenBacklog`, `headerReadTimeoutMs`, `logFormat`, `discovery` and its Service |
+//! | `algorithm`, `weights`, `backends` (static discovery), `connectTimeoutMs`, `requestTimeoutMs`, `bodyIdleTimeoutMs`, `retries`, `cooldownMs`, `poolIdleTimeoutMs`, `drainDelayMs`, `shutdownTimeoutMs`, `logLevel`, `accessLog` | `port`, `adminPort`, `listenBacklog`, `headerReadTimeoutMs`, `logFormat`, `discovery` and its Service |
 //!
 //! Requests already in flight finish with the settings they started with;
 //! the next request reads the new ones (one atomic load).
@@ -71,6 +71,8 @@ impl Live {
             ),
         ];
         let live = [
+            ("algorithm", old.algorithm != new.algorithm),
+            ("weights", old.weights != new.weights),
             (
                 "backends",
                 static_lists.is_some_and(|(before, after)| before != after),
@@ -121,6 +123,10 @@ impl Live {
             && outcome.applied.contains(&"backends")
         {
             discovery::publish(&self.balancer, &discovery::static_set(addrs));
+        }
+        if outcome.applied.contains(&"algorithm") || outcome.applied.contains(&"weights") {
+            self.balancer
+                .set_algorithm(settings.algorithm, &settings.weights);
         }
         self.proxy.configure(&settings);
         self.balancer.set_cooldown(settings.cooldown);

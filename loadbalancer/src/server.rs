@@ -81,6 +81,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), DiscoveryError> {
     let balancer = Arc::new(Balancer::new(settings.cooldown));
+    balancer.set_algorithm(settings.algorithm, &settings.weights);
     let readiness = Arc::new(Readiness::default());
     let status = Arc::new(discovery::Status::default());
     discovery::start(

@@ -31,7 +31,8 @@ pub fn start_backend_with(config: Value) -> Backend {
     start_backend_named("backend-1", config)
 }
 
-fn start_backend_named(name: &str, config: Value) -> Backend {
+/// Starts a backend named `name` with `config`.
+pub fn start_backend_named(name: &str, config: Value) -> Backend {
     let config = write_config(&config);
     let mut command = Command::new(binary("backend"));
     command

@@ -1,13 +1,15 @@
-//! Choosing a backend: an immutable snapshot and an atomic round robin.
+//! Choosing a backend: an immutable snapshot and a balancing algorithm.
 //!
 //! Discovery (on its own task) publishes the whole set of backends as a new
 //! [`Snapshot`] whenever it changes; the request path only ever *reads* the
 //! current one. The swap is one atomic pointer store (`arc-swap`), so a
 //! request never waits for discovery and never sees a half-updated list.
 //!
-//! Round robin is one shared counter: each request takes the next number with
-//! `fetch_add` and uses `number % len`. With N healthy backends, N sequential
-//! requests reach each backend exactly once.
+//! Each snapshot carries the state of the configured algorithm (see
+//! [`algorithm`]): round robin (the default, one shared counter), least
+//! connections, power of two choices, smooth weighted round robin, random,
+//! one file each. Changing the algorithm or the weights builds a new
+//! snapshot with the same backends.
 //!
 //! Each backend also carries *passive* health: when connecting to it fails,
 //! it sits out a cool-down that doubles with every further failure (up to
@@ -22,7 +24,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +35,16 @@ use jiff::Timestamp;
 use serde::Serialize;
 
 use crate::metrics::{BackendStats, Totals};
+
+pub mod algorithm;
+mod least_connections;
+mod power_of_two;
+mod random;
+mod round_robin;
+mod weighted;
+
+use algorithm::Selection;
+pub use algorithm::{Algorithm, Weights};
 
 /// The longest a failing backend is left out of the rotation.
 const MAX_COOLDOWN: Duration = Duration::from_secs(30);
@@ -76,13 +88,23 @@ pub enum State {
 }
 
 /// The immutable set of backends requests are spread over.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Snapshot {
     pub backends: Box<[Arc<Backend>]>,
     /// Counts up with every new snapshot.
     pub generation: u64,
     /// When the set last changed; `None` before the first one.
     pub changed_at: Option<Timestamp>,
+    /// The algorithm, with its state for these backends.
+    pub algorithm: Algorithm,
+    selection: Box<dyn Selection>,
+}
+
+/// The algorithm and weights from the config.
+#[derive(Debug, Clone, Default)]
+struct Policy {
+    algorithm: Algorithm,
+    weights: Weights,
 }
 
 /// What changed when a new set of backends was published.
@@ -113,7 +135,8 @@ pub struct Member {
 #[derive(Debug)]
 pub struct Balancer {
     current: ArcSwap<Snapshot>,
-    next: AtomicUsize,
+    /// Read and written by discovery and config changes only.
+    policy: Mutex<Policy>,
     /// The first cool-down, in ms; the config can change it while running.
     cooldown_ms: AtomicU64,
     /// The numbers that belong to no one backend.
@@ -179,6 +202,25 @@ impl Backend {
     }
 }
 
+// === impl Snapshot ===
+
+impl Snapshot {
+    fn new(
+        backends: Box<[Arc<Backend>]>,
+        generation: u64,
+        changed_at: Option<Timestamp>,
+        policy: &Policy,
+    ) -> Snapshot {
+        Snapshot {
+            selection: algorithm::build(policy.algorithm, &policy.weights, &backends),
+            algorithm: policy.algorithm,
+            backends,
+            generation,
+            changed_at,
+        }
+    }
+}
+
 // === impl State ===
 
 impl State {
@@ -197,9 +239,10 @@ impl State {
 impl Balancer {
     /// A balancer with no backends yet; `cooldown` is the first cool-down.
     pub fn new(cooldown: Duration) -> Balancer {
+        let policy = Policy::default();
         Balancer {
-            current: ArcSwap::from_pointee(Snapshot::default()),
-            next: AtomicUsize::new(0),
+            current: ArcSwap::from_pointee(Snapshot::new(Box::default(), 0, None, &policy)),
+            policy: Mutex::new(policy),
             cooldown_ms: AtomicU64::new(cooldown.as_millis() as u64),
             totals: Totals::default(),
             changes: Mutex::new(VecDeque::new()),
@@ -209,6 +252,39 @@ impl Balancer {
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// Uses `algorithm` (with `weights`) from the next request on.
+    pub fn set_algorithm(&self, algorithm: Algorithm, weights: &Weights) {
+        let policy = Policy {
+            algorithm,
+            weights: weights.clone(),
+        };
+        let unchanged = self
+            .policy
+            .lock()
+            .is_ok_and(|current| current.algorithm == algorithm && current.weights == *weights);
+        if unchanged {
+            return;
+        }
+        let old = self.current.load();
+        let snapshot = Snapshot::new(
+            old.backends.clone(),
+            old.generation + 1,
+            old.changed_at,
+            &policy,
+        );
+        if let Ok(mut current) = self.policy.lock() {
+            *current = policy;
+        }
+        self.current.store(Arc::new(snapshot));
+    }
+
+    /// A backend's weight under the configured weights (1 when unweighted).
+    pub fn weight_of(&self, backend: &Backend) -> u32 {
+        self.policy
+            .lock()
+            .map_or(1, |policy| algorithm::weight_of(backend, &policy.weights))
     }
 
     /// Changes the first cool-down of failing backends from now on.
@@ -259,11 +335,13 @@ impl Balancer {
         if joined.is_empty() && left.is_empty() {
             return change;
         }
-        let snapshot = Snapshot {
+        let policy = self.policy.lock().map(|p| p.clone()).unwrap_or_default();
+        let snapshot = Snapshot::new(
             backends,
-            generation: old.generation + 1,
-            changed_at: Some(Timestamp::now()),
-        };
+            old.generation + 1,
+            Some(Timestamp::now()),
+            &policy,
+        );
         if let Ok(mut changes) = self.changes.lock() {
             if changes.len() == CHANGES_KEPT {
                 changes.pop_front();
@@ -280,20 +358,14 @@ impl Balancer {
         change
     }
 
-    /// The next backend in the rotation, skipping those cooling down and
+    /// The backend the algorithm picks, skipping those cooling down and
     /// those in `tried`. `None` when no backend is left.
     pub fn pick(&self, tried: &[SocketAddr]) -> Option<Arc<Backend>> {
         let snapshot = self.current.load();
-        let backends = &snapshot.backends;
-        if backends.is_empty() {
-            return None;
-        }
-        let start = self.next.fetch_add(1, Relaxed);
         let now = now_ms();
-        (0..backends.len())
-            .map(|offset| &backends[start.wrapping_add(offset) % backends.len()])
-            .find(|b| !b.cooling_down(now) && !tried.contains(&b.addr))
-            .cloned()
+        let usable = |b: &Backend| !b.cooling_down(now) && !tried.contains(&b.addr);
+        let i = snapshot.selection.pick(&snapshot.backends, &usable)?;
+        Some(snapshot.backends[i].clone())
     }
 
     /// Records a failed connection: the backend sits out a cool-down that
@@ -336,6 +408,7 @@ impl fmt::Display for Change {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn addrs(list: &[&str]) -> BackendSet {
         list.iter()
@@ -451,6 +524,88 @@ mod tests {
             .map(|_| balancer.failed(&backend).as_millis())
             .collect();
         assert_eq!(cooldowns, [100, 200, 400, 800]);
+    }
+
+    fn set(list: &[(&str, &str)]) -> BackendSet {
+        list.iter()
+            .map(|(addr, pod)| {
+                let pod = Pod {
+                    name: Some(pod.to_string()),
+                    ..Pod::default()
+                };
+                (addr.parse().unwrap(), pod)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn weighted_round_robin_follows_weights_by_address_or_pod_prefix() {
+        let balancer = Balancer::new(Duration::from_secs(1));
+        balancer.publish(&set(&[
+            ("10.0.0.1:80", "big-7d9f-a"),
+            ("10.0.0.2:80", "small-1"),
+            ("10.0.0.3:80", "small-2"),
+        ]));
+        let weights = Weights::from([("big".to_owned(), 5), ("10.0.0.3:80".to_owned(), 2)]);
+        balancer.set_algorithm(Algorithm::WeightedRoundRobin, &weights);
+        let picked = picks(&balancer, 80);
+        let count = |addr: &str| picked.iter().filter(|p| *p == addr).count();
+        assert_eq!(
+            (
+                count("10.0.0.1:80"),
+                count("10.0.0.2:80"),
+                count("10.0.0.3:80")
+            ),
+            (50, 10, 20)
+        );
+        // Interleaved: the heavy one never takes more than two turns in a row.
+        assert!(
+            !picked
+                .windows(3)
+                .any(|w| w.iter().all(|p| p == "10.0.0.1:80")),
+            "{picked:?}"
+        );
+    }
+
+    #[test]
+    fn least_connections_prefers_the_idle_backend_and_rotates_ties() {
+        let balancer = Balancer::new(Duration::from_secs(1));
+        balancer.publish(&addrs(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]));
+        balancer.set_algorithm(Algorithm::LeastConnections, &Weights::new());
+        let tied = picks(&balancer, 3);
+        assert_eq!(
+            tied.iter().collect::<BTreeSet<_>>().len(),
+            3,
+            "ties rotate: {tied:?}"
+        );
+        let backends = balancer.snapshot().backends.clone();
+        let _busy: Vec<_> = [0, 0, 2]
+            .iter()
+            .map(|&i| crate::metrics::InFlight::start(backends[i].clone()))
+            .collect();
+        assert_eq!(picks(&balancer, 5), vec!["10.0.0.2:80"; 5]);
+    }
+
+    #[test]
+    fn power_of_two_never_picks_the_busier_of_its_two() {
+        let balancer = Balancer::new(Duration::from_secs(1));
+        balancer.publish(&addrs(&["10.0.0.1:80", "10.0.0.2:80"]));
+        balancer.set_algorithm(Algorithm::PowerOfTwo, &Weights::new());
+        let backends = balancer.snapshot().backends.clone();
+        let _busy = crate::metrics::InFlight::start(backends[0].clone());
+        // With two backends, the two choices are always both of them.
+        assert_eq!(picks(&balancer, 50), vec!["10.0.0.2:80"; 50]);
+    }
+
+    #[test]
+    fn random_reaches_every_backend_and_skips_unusable_ones() {
+        let balancer = Balancer::new(Duration::from_secs(60));
+        balancer.publish(&addrs(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]));
+        balancer.set_algorithm(Algorithm::Random, &Weights::new());
+        let picked = picks(&balancer, 300);
+        assert_eq!(picked.iter().collect::<BTreeSet<_>>().len(), 3);
+        balancer.failed(&balancer.snapshot().backends[1]);
+        assert!(!picks(&balancer, 100).contains(&"10.0.0.2:80".to_owned()));
     }
 
     #[test]
