@@ -17,6 +17,8 @@
 //! | `GET /headers` | the request headers as JSON |
 //! | `GET /ws` | WebSocket echo |
 //! | `GET /metrics` | Prometheus metrics |
+//! | `POST /admin/unready`, `/admin/ready` | turn `/readyz` 503, or back (lesson tool: active health checks) |
+//! | `POST /admin/fail`, `/admin/recover` | make `GET /` answer 500 while staying ready, or stop (lesson tool: outlier ejection) |
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -63,6 +65,10 @@ struct Shared {
     access_log: AtomicBool,
     /// `responseDelayMs`: how long `GET /` waits before answering.
     response_delay_ms: AtomicU64,
+    /// Set by `POST /admin/unready`: `/readyz` fails without shutting down.
+    made_unready: AtomicBool,
+    /// Set by `POST /admin/fail`: `GET /` answers 500.
+    failing: AtomicBool,
 }
 
 impl AppState {
@@ -74,6 +80,8 @@ impl AppState {
             metrics: Metrics::default(),
             access_log: AtomicBool::new(true),
             response_delay_ms: AtomicU64::new(0),
+            made_unready: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
         }))
     }
 
@@ -116,6 +124,7 @@ pub fn app(state: AppState) -> Router {
         .route("/headers", get(headers))
         .route("/ws", get(websocket))
         .route("/metrics", get(metrics))
+        .route("/admin/{switch}", post(admin))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), log_request))
@@ -154,6 +163,12 @@ impl AppState {
 }
 
 async fn whoami(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if state.0.failing.load(Ordering::Relaxed) {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "failing on purpose (POST /admin/recover to stop)".into(),
+        );
+    }
     let delay = state.0.response_delay_ms.load(Ordering::Relaxed);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -166,14 +181,39 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
-    if state.0.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, Json(json!({ "status": "ready" })))
-    } else {
+    let unavailable = |why: &str| {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "shutting down" })),
+            Json(json!({ "status": why })),
         )
+    };
+    if !state.0.ready.load(Ordering::Relaxed) {
+        unavailable("shutting down")
+    } else if state.0.made_unready.load(Ordering::Relaxed) {
+        unavailable("made unready by POST /admin/unready")
+    } else {
+        (StatusCode::OK, Json(json!({ "status": "ready" })))
     }
+}
+
+/// The lesson switches: `unready`/`ready` flip `/readyz`, `fail`/`recover`
+/// flip whether `GET /` answers 500.
+async fn admin(State(state): State<AppState>, Path(switch): Path<String>) -> Response {
+    let (flag, on) = match switch.as_str() {
+        "unready" => (&state.0.made_unready, true),
+        "ready" => (&state.0.made_unready, false),
+        "fail" => (&state.0.failing, true),
+        "recover" => (&state.0.failing, false),
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("no switch {switch:?}: use unready, ready, fail or recover"),
+            );
+        }
+    };
+    flag.store(on, Ordering::Relaxed);
+    tracing::info!(switch, "admin switch set");
+    Json(json!({ "switch": switch })).into_response()
 }
 
 #[derive(Debug, Deserialize)]
@@ -491,6 +531,29 @@ mod tests {
         assert!(body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
         let (status, _) = get(&state(), "/bytes?n=1073741825").await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn the_admin_switches_flip_readiness_and_failure() {
+        let state = state();
+        let post = |path: &'static str| call(&state, "POST", path, Body::empty());
+        assert_eq!(post("/admin/unready").await.0, StatusCode::OK);
+        assert_eq!(
+            get(&state, "/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        post("/admin/ready").await;
+        assert_eq!(get(&state, "/readyz").await.0, StatusCode::OK);
+        post("/admin/fail").await;
+        assert_eq!(get(&state, "/").await.0, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            get(&state, "/readyz").await.0,
+            StatusCode::OK,
+            "still ready"
+        );
+        post("/admin/recover").await;
+        assert_eq!(get(&state, "/").await.0, StatusCode::OK);
+        assert_eq!(post("/admin/explode").await.0, StatusCode::NOT_FOUND);
     }
 
     #[tokio::test]

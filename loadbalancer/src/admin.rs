@@ -111,7 +111,11 @@ async fn backends(State(state): State<AdminState>) -> Json<Value> {
                 "pod": b.pod.name,
                 "node": b.pod.node,
                 "zone": b.pod.zone,
-                "state": b.state().as_str(),
+                "state": metrics::state_label(b.state()),
+                "ejectedFor": match b.state() {
+                    crate::balancer::State::Ejected(reason) => Some(reason.as_str()),
+                    _ => None,
+                },
                 "weight": state.balancer.weight_of(b),
                 "coolingDown": b.is_cooling_down(),
                 "requests": b.stats.requests(),
@@ -126,6 +130,7 @@ async fn backends(State(state): State<AdminState>) -> Json<Value> {
     Json(json!({
         "discovery": state.discovery.report(),
         "algorithm": snapshot.algorithm.as_str(),
+        "failingOpen": state.balancer.failing_open(),
         "generation": snapshot.generation,
         "changedAt": snapshot.changed_at,
         "backends": list,

@@ -82,8 +82,14 @@ pub struct FileConfig {
     pub request_timeout_ms: u64,
     /// How many other backends to try when a connection cannot be made.
     pub retries: u32,
-    /// The first cool-down of a failing backend; it doubles per failure, up to 30 s.
+    /// How long a backend's first ejection lasts; each further ejection in
+    /// a row lasts this much longer (up to 5 minutes).
     pub cooldown_ms: u64,
+    /// 5xx answers in a row that eject a backend (a refused connection
+    /// ejects at once).
+    pub consecutive_5xx: u64,
+    /// At most this share of the backends is ejected by traffic at once.
+    pub max_ejection_percent: u64,
     /// How long an idle keep-alive connection to a backend is kept.
     pub pool_idle_timeout_ms: u64,
     /// How long a client may take to send its request headers.
@@ -124,6 +130,8 @@ impl Default for FileConfig {
             request_timeout_ms: 30_000,
             retries: 2,
             cooldown_ms: 1_000,
+            consecutive_5xx: 5,
+            max_ejection_percent: 50,
             pool_idle_timeout_ms: 30_000,
             header_read_timeout_ms: 10_000,
             body_idle_timeout_ms: 60_000,
@@ -174,6 +182,17 @@ impl BackendPort {
     }
 }
 
+impl Settings {
+    /// Outlier detection's settings.
+    pub fn outlier_policy(&self) -> crate::balancer::health::Policy {
+        crate::balancer::health::Policy {
+            consecutive_5xx: self.consecutive_5xx,
+            base_ejection: self.cooldown,
+            max_ejection_percent: self.max_ejection_percent,
+        }
+    }
+}
+
 impl std::fmt::Display for BackendPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -193,6 +212,8 @@ pub struct Settings {
     pub request_timeout: Duration,
     pub retries: u32,
     pub cooldown: Duration,
+    pub consecutive_5xx: u32,
+    pub max_ejection_percent: u32,
     pub pool_idle_timeout: Duration,
     pub header_read_timeout: Duration,
     pub body_idle_timeout: Duration,
@@ -359,6 +380,8 @@ impl Settings {
             request_timeout: ms("requestTimeoutMs", file.request_timeout_ms)?,
             retries: checked("retries", u64::from(file.retries))? as u32,
             cooldown: ms("cooldownMs", file.cooldown_ms)?,
+            consecutive_5xx: checked("consecutive5xx", file.consecutive_5xx)? as u32,
+            max_ejection_percent: checked("maxEjectionPercent", file.max_ejection_percent)? as u32,
             pool_idle_timeout: ms("poolIdleTimeoutMs", file.pool_idle_timeout_ms)?,
             header_read_timeout: ms("headerReadTimeoutMs", file.header_read_timeout_ms)?,
             body_idle_timeout: ms("bodyIdleTimeoutMs", file.body_idle_timeout_ms)?,
@@ -381,12 +404,13 @@ const MINUTE: u64 = 60_000;
 const HOUR: u64 = 60 * MINUTE;
 
 /// The allowed range of every duration (in ms) and count in the file.
-pub const LIMITS: [(&str, RangeInclusive<u64>); 10] = [
+pub const LIMITS: [(&str, RangeInclusive<u64>); 12] = [
     ("connectTimeoutMs", 1..=MINUTE),
     ("requestTimeoutMs", 1..=HOUR),
     ("retries", 0..=10),
-    // The cool-down doubles up to 30 s, so a longer first one means nothing.
-    ("cooldownMs", 1..=30_000),
+    ("cooldownMs", 1..=MINUTE),
+    ("consecutive5xx", 1..=100),
+    ("maxEjectionPercent", 0..=100),
     ("poolIdleTimeoutMs", 1..=HOUR),
     ("headerReadTimeoutMs", 1..=10 * MINUTE),
     ("bodyIdleTimeoutMs", 1..=HOUR),

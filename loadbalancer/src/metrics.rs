@@ -20,7 +20,9 @@
 //! | `loadbalancer_request_duration_seconds` | `backend` | histogram: request start to response head |
 //! | `loadbalancer_in_flight_requests` | `backend` | until the response body is sent or dropped |
 //! | `loadbalancer_retries_total` | `backend` | failed attempts retried on another backend |
-//! | `loadbalancer_backends` | `state` | backends per health state |
+//! | `loadbalancer_backends` | `state` | backends per health state: `healthy`, `ejected`, `probing` |
+//! | `loadbalancer_ejections_total` | `backend`, `reason` | `connect`, `5xx`, `active_check` |
+//! | `loadbalancer_fail_open_total` | | requests routed while every backend was ejected |
 //! | `loadbalancer_algorithm` | `algorithm` | 1 for the algorithm in use |
 //! | `loadbalancer_backend_set_changes_total` | | new snapshots published |
 //! | `loadbalancer_discovery_errors_total` | `reason` | watch and list errors |
@@ -41,7 +43,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::balancer::{Backend, Balancer, State};
+use crate::balancer::{Backend, Balancer, Reason, State};
 use crate::discovery;
 
 /// Status codes 100 to 599, one counter each.
@@ -60,6 +62,8 @@ pub struct BackendStats {
     in_flight: AtomicI64,
     retries: AtomicU64,
     errors: AtomicU64,
+    /// Ejections by reason: connect, 5xx, active check.
+    ejections: [AtomicU64; 3],
     duration: Histogram,
     /// A decaying average of the time to the response head, in µs, for
     /// power of two choices to break ties.
@@ -74,6 +78,7 @@ pub struct Totals {
     /// Answers given when no backend could be picked, by status code.
     unrouted: Box<[AtomicU64]>,
     set_changes: AtomicU64,
+    fail_open: AtomicU64,
     discovery_errors: Mutex<Vec<(String, u64)>>,
     reloads_applied: AtomicU64,
     reloads_rejected: AtomicU64,
@@ -108,6 +113,7 @@ impl Default for BackendStats {
             in_flight: AtomicI64::new(0),
             retries: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            ejections: std::array::from_fn(|_| AtomicU64::new(0)),
             duration: Histogram::default(),
             latency_micros: AtomicU64::new(0),
             last_error: Mutex::new(None),
@@ -148,6 +154,11 @@ impl BackendStats {
         }
     }
 
+    /// The backend was taken out of the rotation for `reason`.
+    pub fn ejected(&self, reason: Reason) {
+        self.ejections[reason as usize].fetch_add(1, Relaxed);
+    }
+
     /// Requests answered, of any status.
     pub fn requests(&self) -> u64 {
         self.codes.iter().map(|c| c.load(Relaxed)).sum()
@@ -173,6 +184,7 @@ impl Default for Totals {
         Totals {
             unrouted: counters(CODES),
             set_changes: AtomicU64::new(0),
+            fail_open: AtomicU64::new(0),
             discovery_errors: Mutex::new(Vec::new()),
             reloads_applied: AtomicU64::new(0),
             reloads_rejected: AtomicU64::new(0),
@@ -186,6 +198,11 @@ impl Totals {
         if let Some(i) = code_index(code) {
             self.unrouted[i].fetch_add(1, Relaxed);
         }
+    }
+
+    /// A request was routed with every backend ejected.
+    pub fn failed_open(&self) {
+        self.fail_open.fetch_add(1, Relaxed);
     }
 
     pub fn set_changed(&self) {
@@ -265,6 +282,15 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.stats.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// The word for a health state in metrics and `/backends`.
+pub fn state_label(state: State) -> &'static str {
+    match state {
+        State::Healthy => "healthy",
+        State::Ejected(_) => "ejected",
+        State::Probing => "probing",
     }
 }
 
@@ -364,11 +390,37 @@ impl Collector for Scrape {
             None,
             MetricType::Gauge,
         )?;
-        for state in State::ALL {
-            let count = backends.iter().filter(|b| b.state() == state).count();
-            ConstGauge::new(count as i64)
-                .encode(family.encode_family(&[("state", state.as_str())])?)?;
+        for state in ["healthy", "ejected", "probing"] {
+            let count = backends
+                .iter()
+                .filter(|b| state_label(b.state()) == state)
+                .count();
+            ConstGauge::new(count as i64).encode(family.encode_family(&[("state", state)])?)?;
         }
+
+        let mut family = encoder.encode_descriptor(
+            "loadbalancer_ejections",
+            "Times a backend was taken out of the rotation, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for backend in backends.iter() {
+            for reason in [Reason::Connect, Reason::FiveXx, Reason::ActiveCheck] {
+                let count = backend.stats.ejections[reason as usize].load(Relaxed);
+                let labels = [
+                    ("backend", backend.label_str()),
+                    ("reason", reason.as_str()),
+                ];
+                ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+            }
+        }
+
+        ConstCounter::new(totals.fail_open.load(Relaxed)).encode(encoder.encode_descriptor(
+            "loadbalancer_fail_open",
+            "Requests routed while every backend was ejected (failing open).",
+            None,
+            MetricType::Counter,
+        )?)?;
 
         ConstCounter::new(totals.set_changes.load(Relaxed)).encode(encoder.encode_descriptor(
             "loadbalancer_backend_set_changes",

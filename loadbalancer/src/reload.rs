@@ -6,7 +6,7 @@
 //!
 //! | changes live | needs a restart |
 //! |---|---|
-//! | `algorithm`, `weights`, `backends` (static discovery), `connectTimeoutMs`, `requestTimeoutMs`, `bodyIdleTimeoutMs`, `retries`, `cooldownMs`, `poolIdleTimeoutMs`, `drainDelayMs`, `shutdownTimeoutMs`, `logLevel`, `accessLog` | `port`, `adminPort`, `listenBacklog`, `headerReadTimeoutMs`, `logFormat`, `discovery` and its Service |
+//! | `algorithm`, `weights`, `backends` (static discovery), `connectTimeoutMs`, `requestTimeoutMs`, `bodyIdleTimeoutMs`, `retries`, `cooldownMs`, `consecutive5xx`, `maxEjectionPercent`, `poolIdleTimeoutMs`, `drainDelayMs`, `shutdownTimeoutMs`, `logLevel`, `accessLog` | `port`, `adminPort`, `listenBacklog`, `headerReadTimeoutMs`, `logFormat`, `discovery` and its Service |
 //!
 //! Requests already in flight finish with the settings they started with;
 //! the next request reads the new ones (one atomic load).
@@ -91,6 +91,11 @@ impl Live {
             ),
             ("retries", old.retries != new.retries),
             ("cooldownMs", old.cooldown != new.cooldown),
+            ("consecutive5xx", old.consecutive_5xx != new.consecutive_5xx),
+            (
+                "maxEjectionPercent",
+                old.max_ejection_percent != new.max_ejection_percent,
+            ),
             (
                 "poolIdleTimeoutMs",
                 old.pool_idle_timeout != new.pool_idle_timeout,
@@ -129,7 +134,7 @@ impl Live {
                 .set_algorithm(settings.algorithm, &settings.weights);
         }
         self.proxy.configure(&settings);
-        self.balancer.set_cooldown(settings.cooldown);
+        self.balancer.set_outlier_policy(settings.outlier_policy());
         if outcome.applied.contains(&"logLevel") {
             // Checked when parsed, so this cannot fail.
             let _ = self.logging.set_level(&settings.log_level);

@@ -82,6 +82,7 @@ pub async fn run(
 ) -> Result<(), DiscoveryError> {
     let balancer = Arc::new(Balancer::new(settings.cooldown));
     balancer.set_algorithm(settings.algorithm, &settings.weights);
+    balancer.set_outlier_policy(settings.outlier_policy());
     let readiness = Arc::new(Readiness::default());
     let status = Arc::new(discovery::Status::default());
     discovery::start(

@@ -11,12 +11,11 @@
 //! one file each. Changing the algorithm or the weights builds a new
 //! snapshot with the same backends.
 //!
-//! Each backend also carries *passive* health: when connecting to it fails,
-//! it sits out a cool-down that doubles with every further failure (up to
-//! 30 s), and the rotation skips it meanwhile. The first request after the
-//! cool-down is the probe; a success clears the record. Real load balancers
-//! add *active* health checks too (periodic probes); in Kubernetes the
-//! readiness probe already does that job upstream of us, so we rely on it.
+//! Each backend also carries its health ([`health`]): ejected after failed
+//! connections or 5xx answers in a row, let back in through one probe
+//! request. When every backend is ejected the balancer *fails open*: it
+//! routes to all of them rather than answer 503 to everyone on the strength
+//! of its own view alone (Envoy's panic threshold), and says so.
 //!
 //! Each backend also carries the pod it is (when discovery knows it) and its
 //! [`BackendStats`], the numbers the metrics and the admin page show.
@@ -24,9 +23,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, LazyLock, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper::header::HeaderValue;
@@ -37,6 +35,7 @@ use serde::Serialize;
 use crate::metrics::{BackendStats, Totals};
 
 pub mod algorithm;
+pub mod health;
 mod least_connections;
 mod power_of_two;
 mod random;
@@ -45,9 +44,8 @@ mod weighted;
 
 use algorithm::Selection;
 pub use algorithm::{Algorithm, Weights};
-
-/// The longest a failing backend is left out of the rotation.
-const MAX_COOLDOWN: Duration = Duration::from_secs(30);
+use health::{Health, now_ms};
+pub use health::{Outcome, Reason, State};
 
 /// How many recent changes of the set are kept for the admin page.
 const CHANGES_KEPT: usize = 50;
@@ -74,17 +72,7 @@ pub struct Backend {
     /// `addr` as a header value, for `x-served-by`.
     pub label: HeaderValue,
     pub stats: BackendStats,
-    /// Connection failures in a row.
-    failures: AtomicU32,
-    /// Left out of the rotation until this many ms after [`EPOCH`].
-    cool_until_ms: AtomicU64,
-}
-
-/// A backend's health, as the rotation sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    Healthy,
-    CoolingDown,
+    pub health: Health,
 }
 
 /// The immutable set of backends requests are spread over.
@@ -137,19 +125,12 @@ pub struct Balancer {
     current: ArcSwap<Snapshot>,
     /// Read and written by discovery and config changes only.
     policy: Mutex<Policy>,
-    /// The first cool-down, in ms; the config can change it while running.
-    cooldown_ms: AtomicU64,
+    /// Outlier detection's settings; the config can change them while running.
+    outlier: ArcSwap<health::Policy>,
     /// The numbers that belong to no one backend.
     pub totals: Totals,
     /// The latest changes, newest last; written by discovery only.
     changes: Mutex<VecDeque<ChangeRecord>>,
-}
-
-/// Times are stored as ms since this instant, so they fit in an atomic.
-static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-fn now_ms() -> u64 {
-    EPOCH.elapsed().as_millis() as u64
 }
 
 // === impl Backend ===
@@ -166,8 +147,7 @@ impl Backend {
                 .unwrap_or_else(|_| Authority::from_static("invalid")),
             label: HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("invalid")),
             stats: BackendStats::default(),
-            failures: AtomicU32::new(0),
-            cool_until_ms: AtomicU64::new(0),
+            health: Health::default(),
         }
     }
 
@@ -177,11 +157,7 @@ impl Backend {
     }
 
     pub fn state(&self) -> State {
-        if self.is_cooling_down() {
-            State::CoolingDown
-        } else {
-            State::Healthy
-        }
+        self.health.state(now_ms())
     }
 
     fn member(&self) -> Member {
@@ -191,14 +167,10 @@ impl Backend {
         }
     }
 
-    /// Whether the backend is out of the rotation at `now_ms`.
-    fn cooling_down(&self, now_ms: u64) -> bool {
-        self.cool_until_ms.load(Relaxed) > now_ms
-    }
-
-    /// Whether the backend is out of the rotation now.
+    /// Whether the backend is out of the rotation now (ejected, or
+    /// probing for its way back).
     pub fn is_cooling_down(&self) -> bool {
-        self.cooling_down(now_ms())
+        self.state() != State::Healthy
     }
 }
 
@@ -221,19 +193,6 @@ impl Snapshot {
     }
 }
 
-// === impl State ===
-
-impl State {
-    pub const ALL: [State; 2] = [State::Healthy, State::CoolingDown];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Healthy => "healthy",
-            State::CoolingDown => "cooling_down",
-        }
-    }
-}
-
 // === impl Balancer ===
 
 impl Balancer {
@@ -243,7 +202,10 @@ impl Balancer {
         Balancer {
             current: ArcSwap::from_pointee(Snapshot::new(Box::default(), 0, None, &policy)),
             policy: Mutex::new(policy),
-            cooldown_ms: AtomicU64::new(cooldown.as_millis() as u64),
+            outlier: ArcSwap::from_pointee(health::Policy {
+                base_ejection: cooldown,
+                ..health::Policy::default()
+            }),
             totals: Totals::default(),
             changes: Mutex::new(VecDeque::new()),
         }
@@ -287,9 +249,9 @@ impl Balancer {
             .map_or(1, |policy| algorithm::weight_of(backend, &policy.weights))
     }
 
-    /// Changes the first cool-down of failing backends from now on.
-    pub fn set_cooldown(&self, cooldown: Duration) {
-        self.cooldown_ms.store(cooldown.as_millis() as u64, Relaxed);
+    /// Changes outlier detection's settings from now on.
+    pub fn set_outlier_policy(&self, policy: health::Policy) {
+        self.outlier.store(Arc::new(policy));
     }
 
     /// The latest changes of the set, newest last.
@@ -358,36 +320,77 @@ impl Balancer {
         change
     }
 
-    /// The backend the algorithm picks, skipping those cooling down and
-    /// those in `tried`. `None` when no backend is left.
+    /// The backend the algorithm picks, among those not ejected and not in
+    /// `tried`. When every backend is ejected, it fails open and picks among
+    /// all of them (still not the `tried`). `None` when no backend is left.
     pub fn pick(&self, tried: &[SocketAddr]) -> Option<Arc<Backend>> {
         let snapshot = self.current.load();
+        let backends = &snapshot.backends;
         let now = now_ms();
-        let usable = |b: &Backend| !b.cooling_down(now) && !tried.contains(&b.addr);
-        let i = snapshot.selection.pick(&snapshot.backends, &usable)?;
-        Some(snapshot.backends[i].clone())
+        let mut lost_probe_race = Vec::new();
+        loop {
+            let usable = |b: &Backend| {
+                b.health.may_admit(now)
+                    && !tried.contains(&b.addr)
+                    && !lost_probe_race.contains(&b.addr)
+            };
+            let Some(i) = snapshot.selection.pick(backends, &usable) else {
+                break;
+            };
+            // A probing backend takes one request; another may have won it.
+            if backends[i].health.admit(now) {
+                return Some(backends[i].clone());
+            }
+            lost_probe_race.push(backends[i].addr);
+        }
+        if !self.failing_open() {
+            return None;
+        }
+        static THROTTLE: common::telemetry::Throttle =
+            common::telemetry::Throttle::new(Duration::from_secs(1));
+        if let Some(held_back) = THROTTLE.allow() {
+            tracing::warn!(
+                backends = backends.len(),
+                held_back,
+                "every backend is ejected: failing open, routing to all of them"
+            );
+        }
+        self.totals.failed_open();
+        // Any of them, at random: the algorithm's own state already moved on
+        // for the pick that found nothing.
+        let start = fastrand::usize(..backends.len());
+        let i = algorithm::first_usable_from(start, backends, &|b| !tried.contains(&b.addr))?;
+        Some(backends[i].clone())
     }
 
-    /// Records a failed connection: the backend sits out a cool-down that
-    /// doubles with each failure in a row. Returns the cool-down.
-    pub fn failed(&self, backend: &Backend) -> Duration {
-        let failures = backend.failures.fetch_add(1, Relaxed) + 1;
-        let cooldown = Duration::from_millis(self.cooldown_ms.load(Relaxed))
-            .saturating_mul(1 << (failures - 1).min(16))
-            .min(MAX_COOLDOWN);
-        backend
-            .cool_until_ms
-            .store(now_ms() + cooldown.as_millis() as u64, Relaxed);
-        cooldown
+    /// Whether every backend is ejected now, so that the balancer fails open.
+    pub fn failing_open(&self) -> bool {
+        let snapshot = self.current.load();
+        let now = now_ms();
+        !snapshot.backends.is_empty() && snapshot.backends.iter().all(|b| !b.health.may_admit(now))
     }
 
-    /// Records an answer from the backend: its failure record is cleared.
-    pub fn succeeded(&self, backend: &Backend) {
-        // Read first: writing on every request would make the cache line
-        // bounce between cores for nothing.
-        if backend.failures.load(Relaxed) != 0 {
-            backend.failures.store(0, Relaxed);
-            backend.cool_until_ms.store(0, Relaxed);
+    /// Records what an attempt on `backend` came to, ejecting it when its
+    /// health says so (within `maxEjectionPercent` of the set).
+    pub fn record(&self, backend: &Backend, outcome: Outcome) {
+        if outcome == Outcome::Success && backend.health.is_clear() {
+            return;
+        }
+        let policy = self.outlier.load();
+        let may_eject = outcome != Outcome::Success && {
+            let snapshot = self.current.load();
+            let now = now_ms();
+            let ejected = snapshot
+                .backends
+                .iter()
+                .filter(|b| matches!(b.health.state(now), State::Ejected(_)))
+                .count();
+            let allowed = snapshot.backends.len() * policy.max_ejection_percent as usize / 100;
+            ejected < allowed.max(1)
+        };
+        if let Some((reason, time)) = backend.health.record(outcome, &policy, may_eject) {
+            backend.stats.ejected(reason);
+            tracing::warn!(backend = %backend.addr, reason = reason.as_str(), ejection = ?time, "backend ejected from the rotation");
         }
     }
 }
@@ -453,7 +456,7 @@ mod tests {
         let first = balancer.publish(&addrs(&["10.0.0.1:80", "10.0.0.2:80"]));
         assert_eq!(first.to_string(), "+10.0.0.1:80 +10.0.0.2:80 (2 backends)");
         let kept = balancer.snapshot().backends[1].clone();
-        balancer.failed(&kept);
+        balancer.record(&kept, Outcome::ConnectFailure);
 
         let second = balancer.publish(&addrs(&["10.0.0.2:80", "10.0.0.3:80"]));
         assert_eq!(second.to_string(), "+10.0.0.3:80 -10.0.0.1:80 (2 backends)");
@@ -501,29 +504,66 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_backend_is_skipped_until_it_succeeds() {
+    fn an_ejected_backend_is_skipped_until_a_success() {
         let balancer = Balancer::new(Duration::from_secs(60));
         balancer.publish(&addrs(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]));
         let bad = balancer.snapshot().backends[1].clone();
-        assert_eq!(balancer.failed(&bad), Duration::from_secs(30), "capped");
+        balancer.record(&bad, Outcome::ConnectFailure);
+        assert_eq!(bad.state(), State::Ejected(Reason::Connect));
         let picked = picks(&balancer, 100);
         assert!(!picked.contains(&"10.0.0.2:80".to_string()));
-        assert!(bad.is_cooling_down());
 
-        balancer.succeeded(&bad);
-        assert!(!bad.is_cooling_down());
+        balancer.record(&bad, Outcome::Success);
+        assert_eq!(bad.state(), State::Healthy);
         assert!(picks(&balancer, 3).contains(&"10.0.0.2:80".to_string()));
     }
 
     #[test]
-    fn cooldown_doubles_with_each_failure() {
-        let balancer = Balancer::new(Duration::from_millis(100));
-        balancer.publish(&addrs(&["10.0.0.1:80"]));
-        let backend = balancer.snapshot().backends[0].clone();
-        let cooldowns: Vec<_> = (0..4)
-            .map(|_| balancer.failed(&backend).as_millis())
-            .collect();
-        assert_eq!(cooldowns, [100, 200, 400, 800]);
+    fn five_5xx_in_a_row_eject_and_at_most_half_the_set_is_ejected() {
+        let balancer = Balancer::new(Duration::from_secs(60));
+        balancer.publish(&addrs(&[
+            "10.0.0.1:80",
+            "10.0.0.2:80",
+            "10.0.0.3:80",
+            "10.0.0.4:80",
+        ]));
+        let backends = balancer.snapshot().backends.clone();
+        for backend in backends.iter() {
+            for _ in 0..5 {
+                balancer.record(backend, Outcome::ServerError);
+            }
+        }
+        let ejected = backends
+            .iter()
+            .filter(|b| b.state() != State::Healthy)
+            .count();
+        assert_eq!(ejected, 2, "maxEjectionPercent 50 of 4");
+    }
+
+    #[test]
+    fn with_every_backend_ejected_it_fails_open() {
+        let balancer = Balancer::new(Duration::from_secs(60));
+        balancer.set_outlier_policy(health::Policy {
+            max_ejection_percent: 100,
+            ..health::Policy::default()
+        });
+        balancer.publish(&addrs(&["10.0.0.1:80", "10.0.0.2:80"]));
+        for backend in balancer.snapshot().backends.iter() {
+            balancer.record(backend, Outcome::ConnectFailure);
+        }
+        assert!(balancer.failing_open());
+        let picked = picks(&balancer, 64);
+        assert_eq!(
+            picked.iter().collect::<BTreeSet<_>>().len(),
+            2,
+            "{picked:?}"
+        );
+        let first = balancer.pick(&[]).unwrap();
+        let second = balancer.pick(&[first.addr]).unwrap();
+        assert!(
+            balancer.pick(&[first.addr, second.addr]).is_none(),
+            "never a tried one"
+        );
     }
 
     fn set(list: &[(&str, &str)]) -> BackendSet {
@@ -604,7 +644,7 @@ mod tests {
         balancer.set_algorithm(Algorithm::Random, &Weights::new());
         let picked = picks(&balancer, 300);
         assert_eq!(picked.iter().collect::<BTreeSet<_>>().len(), 3);
-        balancer.failed(&balancer.snapshot().backends[1]);
+        balancer.record(&balancer.snapshot().backends[1], Outcome::ConnectFailure);
         assert!(!picks(&balancer, 100).contains(&"10.0.0.2:80".to_owned()));
     }
 
@@ -616,15 +656,5 @@ mod tests {
         let second = balancer.pick(&[first.addr]).unwrap();
         assert_ne!(first.addr, second.addr);
         assert!(balancer.pick(&[first.addr, second.addr]).is_none());
-    }
-
-    #[test]
-    fn when_all_backends_cool_down_none_is_picked() {
-        let balancer = Balancer::new(Duration::from_secs(60));
-        balancer.publish(&addrs(&["10.0.0.1:80", "10.0.0.2:80"]));
-        for backend in balancer.snapshot().backends.iter() {
-            balancer.failed(backend);
-        }
-        assert!(balancer.pick(&[]).is_none());
     }
 }

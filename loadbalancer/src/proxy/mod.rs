@@ -54,7 +54,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use nix::errno::Errno;
 
-use crate::balancer::{Backend, Balancer};
+use crate::balancer::{Backend, Balancer, Outcome};
 use crate::config::Settings;
 use crate::metrics::InFlight;
 use body::{BodyError, Timed, Upload};
@@ -235,7 +235,12 @@ impl Proxy {
         // that answered, or failed to; not one blameless for the failure.
         let (backend, counted, mut response) = match outcome {
             Ok((backend, response, in_flight)) => {
-                self.balancer.succeeded(&backend);
+                let outcome = if response.status().is_server_error() {
+                    Outcome::ServerError
+                } else {
+                    Outcome::Success
+                };
+                self.balancer.record(&backend, outcome);
                 let response = relay(
                     response,
                     &backend,
@@ -275,8 +280,8 @@ impl Proxy {
         response
     }
 
-    /// Whether to try another backend after `failure` on `backend`; an
-    /// unreachable backend is also cooled down here.
+    /// Whether to try another backend after `failure` on `backend`; the
+    /// failure also goes into the backend's health record here.
     fn retry_after(
         &self,
         failure: &Failure,
@@ -286,8 +291,7 @@ impl Proxy {
     ) -> bool {
         let retry = match failure {
             Failure::Unreachable(cause) => {
-                let cooldown = self.balancer.failed(backend);
-                tracing::warn!(backend = %backend.addr, ?cooldown, error = cause, "backend unreachable; cooling it down");
+                tracing::warn!(backend = %backend.addr, error = cause, "backend unreachable");
                 may_retry
             }
             Failure::Failed(cause) if idempotent && may_retry => {
@@ -296,6 +300,12 @@ impl Proxy {
             }
             _ => false,
         };
+        let outcome = match failure {
+            Failure::Unreachable(_) => Outcome::ConnectFailure,
+            Failure::Failed(_) | Failure::TimedOut => Outcome::ServerError,
+            _ => Outcome::Neutral,
+        };
+        self.balancer.record(backend, outcome);
         if failure.blames_backend() {
             backend.stats.failed(&failure.to_string());
         }
