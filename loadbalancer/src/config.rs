@@ -17,6 +17,7 @@ use clap::Parser;
 use common::config::{ConfigError, in_range, invalid};
 use common::telemetry::LogFormat;
 
+use crate::balancer::checker::HealthCheck;
 use crate::balancer::{Algorithm, Weights};
 use serde::{Deserialize, Serialize};
 
@@ -114,6 +115,8 @@ pub struct FileConfig {
     pub algorithm: Algorithm,
     /// For `weighted_round_robin`: weights by `IP:port` or pod-name prefix.
     pub weights: Weights,
+    /// Active health checks; off when absent.
+    pub health_check: Option<HealthCheck>,
 }
 
 impl Default for FileConfig {
@@ -143,6 +146,7 @@ impl Default for FileConfig {
             access_log: true,
             algorithm: Algorithm::RoundRobin,
             weights: Weights::new(),
+            health_check: None,
         }
     }
 }
@@ -225,6 +229,7 @@ pub struct Settings {
     pub access_log: bool,
     pub algorithm: Algorithm,
     pub weights: Weights,
+    pub health_check: Option<HealthCheck>,
     /// The file these settings came from, if any: it is watched for changes.
     pub file: Option<ConfigFile>,
 }
@@ -363,6 +368,36 @@ impl Settings {
             in_range(path, field, value, range, unit)
         };
         let ms = |field: &str, value: u64| checked(field, value).map(Duration::from_millis);
+        if let Some(check) = &file.health_check {
+            if !check.path.starts_with('/') {
+                return Err(invalid(
+                    path,
+                    "healthCheck.path",
+                    "must start with /, as in \"/readyz\"",
+                ));
+            }
+            in_range(
+                path,
+                "healthCheck.intervalMs",
+                check.interval_ms,
+                50..=HOUR,
+                " ms",
+            )?;
+            in_range(
+                path,
+                "healthCheck.timeoutMs",
+                check.timeout_ms,
+                1..=MINUTE,
+                " ms",
+            )?;
+            let thresholds = [
+                ("healthCheck.unhealthyThreshold", check.unhealthy_threshold),
+                ("healthCheck.healthyThreshold", check.healthy_threshold),
+            ];
+            for (field, value) in thresholds {
+                in_range(path, field, u64::from(value), 1..=100, "")?;
+            }
+        }
         for (key, weight) in &file.weights {
             in_range(
                 path,
@@ -395,6 +430,7 @@ impl Settings {
             access_log: file.access_log,
             algorithm: file.algorithm,
             weights: file.weights,
+            health_check: file.health_check,
             file: None,
         })
     }
@@ -599,6 +635,23 @@ mod tests {
             numbers,
             LIMITS.len(),
             "every duration and count is in LIMITS"
+        );
+    }
+
+    #[test]
+    fn health_checks_are_off_unless_configured_and_checked_when_they_are() {
+        assert_eq!(settings("{}", &[]).unwrap().health_check, None);
+        let on = settings(r#"{"healthCheck": {"intervalMs": 500}}"#, &[]).unwrap();
+        assert_eq!(on.health_check.unwrap().path, "/readyz");
+        assert_eq!(
+            settings_error(r#"{"healthCheck": {"unhealthyThreshold": 0}}"#),
+            "config lb.json: field `healthCheck.unhealthyThreshold`: 0 is out of range: use 1 to 100"
+        );
+        assert!(
+            settings_error(r#"{"healthCheck": {"path": "readyz"}}"#).contains("must start with /")
+        );
+        assert!(
+            settings_error(r#"{"healthCheck": {"pth": "/x"}}"#).contains("unknown field `pth`")
         );
     }
 

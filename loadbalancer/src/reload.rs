@@ -6,7 +6,7 @@
 //!
 //! | changes live | needs a restart |
 //! |---|---|
-//! | `algorithm`, `weights`, `backends` (static discovery), `connectTimeoutMs`, `requestTimeoutMs`, `bodyIdleTimeoutMs`, `retries`, `cooldownMs`, `consecutive5xx`, `maxEjectionPercent`, `poolIdleTimeoutMs`, `drainDelayMs`, `shutdownTimeoutMs`, `logLevel`, `accessLog` | `port`, `adminPort`, `listenBacklog`, `headerReadTimeoutMs`, `logFormat`, `discovery` and its Service |
+//! | `algorithm`, `weights`, `healthCheck`, `backends` (static discovery), `connectTimeoutMs`, `requestTimeoutMs`, `bodyIdleTimeoutMs`, `retries`, `cooldownMs`, `consecutive5xx`, `maxEjectionPercent`, `poolIdleTimeoutMs`, `drainDelayMs`, `shutdownTimeoutMs`, `logLevel`, `accessLog` | `port`, `adminPort`, `listenBacklog`, `headerReadTimeoutMs`, `logFormat`, `discovery` and its Service |
 //!
 //! Requests already in flight finish with the settings they started with;
 //! the next request reads the new ones (one atomic load).
@@ -72,6 +72,7 @@ impl Live {
         ];
         let live = [
             ("algorithm", old.algorithm != new.algorithm),
+            ("healthCheck", old.health_check != new.health_check),
             ("weights", old.weights != new.weights),
             (
                 "backends",
@@ -132,6 +133,11 @@ impl Live {
         if outcome.applied.contains(&"algorithm") || outcome.applied.contains(&"weights") {
             self.balancer
                 .set_algorithm(settings.algorithm, &settings.weights);
+        }
+        if outcome.applied.contains(&"healthCheck") {
+            self.balancer
+                .checker
+                .configure(settings.health_check.clone());
         }
         self.proxy.configure(&settings);
         self.balancer.set_outlier_policy(settings.outlier_policy());

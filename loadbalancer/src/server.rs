@@ -83,6 +83,7 @@ pub async fn run(
     let balancer = Arc::new(Balancer::new(settings.cooldown));
     balancer.set_algorithm(settings.algorithm, &settings.weights);
     balancer.set_outlier_policy(settings.outlier_policy());
+    balancer.checker.configure(settings.health_check.clone());
     let readiness = Arc::new(Readiness::default());
     let status = Arc::new(discovery::Status::default());
     discovery::start(

@@ -113,3 +113,51 @@ async fn with_every_backend_ejected_it_fails_open_instead_of_refusing_everyone()
         .unwrap();
     assert!(failed_open >= 4.0, "{metrics}");
 }
+
+#[tokio::test]
+async fn an_active_check_ejects_a_backend_whose_readyz_fails_and_brings_it_back() {
+    let backends = start_backends(2);
+    let (good, flaky) = (backends[0].addr.to_string(), backends[1].addr.to_string());
+    let mut lb = start_load_balancer(
+        &[backends[0].addr, backends[1].addr],
+        json!({ "healthCheck": {
+            "path": "/readyz", "intervalMs": 100, "timeoutMs": 500,
+            "unhealthyThreshold": 2, "healthyThreshold": 2
+        } }),
+    );
+    post(format!("http://{flaky}/admin/unready")).await;
+    let out = poll_async(PATIENCE, || async {
+        let state = listed(&lb).await;
+        (backend_named(&state, &flaky)["ejectedFor"] == "active_check").then_some(())
+    })
+    .await;
+    assert!(out.is_some(), "the failing /readyz ejects it");
+    lb.process
+        .wait_for_log("backend ejected: its health check failed", |l| {
+            l["backend"] == flaky
+        });
+    let http = Http::new();
+    for _ in 0..6 {
+        let reply = http.get(&lb.url("/")).await;
+        assert_eq!(
+            reply.header("x-served-by"),
+            Some(good.as_str()),
+            "only the healthy one"
+        );
+    }
+
+    post(format!("http://{flaky}/admin/ready")).await;
+    let back = poll_async(PATIENCE, || async {
+        let state = listed(&lb).await;
+        (backend_named(&state, &flaky)["state"] == "healthy").then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "passing checks bring it back");
+    let url = lb.url("/");
+    let mut served = Vec::new();
+    for _ in 0..4 {
+        let reply = http.get(&url).await;
+        served.push(reply.header("x-served-by").unwrap().to_owned());
+    }
+    assert!(served.contains(&flaky), "{served:?}");
+}

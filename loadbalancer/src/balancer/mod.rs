@@ -23,6 +23,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +36,7 @@ use serde::Serialize;
 use crate::metrics::{BackendStats, Totals};
 
 pub mod algorithm;
+pub mod checker;
 pub mod health;
 mod least_connections;
 mod power_of_two;
@@ -73,6 +75,8 @@ pub struct Backend {
     pub label: HeaderValue,
     pub stats: BackendStats,
     pub health: Health,
+    /// Set when it leaves the set: its health checks stop.
+    pub left: AtomicBool,
 }
 
 /// The immutable set of backends requests are spread over.
@@ -103,6 +107,12 @@ pub struct Change {
     pub total: usize,
 }
 
+impl Change {
+    fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
 /// A change as the admin page lists it: when, and who joined or left.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChangeRecord {
@@ -131,6 +141,8 @@ pub struct Balancer {
     pub totals: Totals,
     /// The latest changes, newest last; written by discovery only.
     changes: Mutex<VecDeque<ChangeRecord>>,
+    /// Active health checks, when configured.
+    pub checker: Arc<checker::Checker>,
 }
 
 // === impl Backend ===
@@ -148,6 +160,7 @@ impl Backend {
             label: HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("invalid")),
             stats: BackendStats::default(),
             health: Health::default(),
+            left: AtomicBool::new(false),
         }
     }
 
@@ -208,6 +221,7 @@ impl Balancer {
             }),
             totals: Totals::default(),
             changes: Mutex::new(VecDeque::new()),
+            checker: Arc::default(),
         }
     }
 
@@ -294,8 +308,11 @@ impl Balancer {
             removed: left.iter().map(|m| m.address).collect(),
             total: set.len(),
         };
-        if joined.is_empty() && left.is_empty() {
+        if change.is_empty() {
             return change;
+        }
+        for gone in old.backends.iter().filter(is_gone) {
+            gone.left.store(true, Relaxed);
         }
         let policy = self.policy.lock().map(|p| p.clone()).unwrap_or_default();
         let snapshot = Snapshot::new(
@@ -314,6 +331,9 @@ impl Balancer {
                 joined,
                 left,
             });
+        }
+        for joined in snapshot.backends.iter().filter(is_new) {
+            self.checker.watch(joined);
         }
         self.current.store(Arc::new(snapshot));
         self.totals.set_changed();
