@@ -117,6 +117,9 @@ pub struct FileConfig {
     pub weights: Weights,
     /// Active health checks; off when absent.
     pub health_check: Option<HealthCheck>,
+    /// `redis://host:6379`: round robin counts in Redis, one rotation for
+    /// all replicas.
+    pub shared_counter: Option<String>,
 }
 
 impl Default for FileConfig {
@@ -147,6 +150,7 @@ impl Default for FileConfig {
             algorithm: Algorithm::RoundRobin,
             weights: Weights::new(),
             health_check: None,
+            shared_counter: None,
         }
     }
 }
@@ -230,6 +234,7 @@ pub struct Settings {
     pub algorithm: Algorithm,
     pub weights: Weights,
     pub health_check: Option<HealthCheck>,
+    pub shared_counter: Option<String>,
     /// The file these settings came from, if any: it is watched for changes.
     pub file: Option<ConfigFile>,
 }
@@ -398,6 +403,10 @@ impl Settings {
                 in_range(path, field, u64::from(value), 1..=100, "")?;
             }
         }
+        if let Some(url) = &file.shared_counter {
+            crate::balancer::shared_counter::check_url(url)
+                .map_err(|reason| invalid(path, "sharedCounter", reason))?;
+        }
         for (key, weight) in &file.weights {
             in_range(
                 path,
@@ -431,6 +440,7 @@ impl Settings {
             algorithm: file.algorithm,
             weights: file.weights,
             health_check: file.health_check,
+            shared_counter: file.shared_counter,
             file: None,
         })
     }
@@ -652,6 +662,19 @@ mod tests {
         );
         assert!(
             settings_error(r#"{"healthCheck": {"pth": "/x"}}"#).contains("unknown field `pth`")
+        );
+    }
+
+    #[test]
+    fn a_shared_counter_must_be_a_redis_url() {
+        let on = settings(r#"{"sharedCounter": "redis://redis:6379"}"#, &[]).unwrap();
+        assert_eq!(on.shared_counter.as_deref(), Some("redis://redis:6379"));
+        let error = settings_error(r#"{"sharedCounter": "redis:6379"}"#);
+        assert!(
+            error.starts_with(
+                "config lb.json: field `sharedCounter`: \"redis:6379\" is not a Redis URL"
+            ),
+            "{error}"
         );
     }
 

@@ -29,6 +29,7 @@
 //! | `loadbalancer_discovery_synced` | | 1 while discovery is in sync, 0 while it retries |
 //! | `loadbalancer_discovery_last_event_timestamp_seconds` | | when the last list or watch event arrived |
 //! | `loadbalancer_config_reloads_total` | `result` | `applied` or `rejected` |
+//! | `loadbalancer_shared_counter_fallbacks_total` | | round-robin numbers taken locally because Redis failed (with `sharedCounter`) |
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -461,6 +462,15 @@ impl Collector for Scrape {
             None,
             MetricType::Gauge,
         )?)?;
+
+        if let Some(counter) = self.0.shared_counter.load_full() {
+            ConstCounter::new(counter.fallbacks.load(Relaxed)).encode(encoder.encode_descriptor(
+                "loadbalancer_shared_counter_fallbacks",
+                "Requests whose round-robin number came from the local counter because Redis failed.",
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
 
         let mut family = encoder.encode_descriptor(
             "loadbalancer_config_reloads",

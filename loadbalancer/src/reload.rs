@@ -6,7 +6,7 @@
 //!
 //! | changes live | needs a restart |
 //! |---|---|
-//! | `algorithm`, `weights`, `healthCheck`, `backends` (static discovery), `connectTimeoutMs`, `requestTimeoutMs`, `bodyIdleTimeoutMs`, `retries`, `cooldownMs`, `consecutive5xx`, `maxEjectionPercent`, `poolIdleTimeoutMs`, `drainDelayMs`, `shutdownTimeoutMs`, `logLevel`, `accessLog` | `port`, `adminPort`, `listenBacklog`, `headerReadTimeoutMs`, `logFormat`, `discovery` and its Service |
+//! | `algorithm`, `weights`, `healthCheck`, `backends` (static discovery), `connectTimeoutMs`, `requestTimeoutMs`, `bodyIdleTimeoutMs`, `retries`, `cooldownMs`, `consecutive5xx`, `maxEjectionPercent`, `poolIdleTimeoutMs`, `drainDelayMs`, `shutdownTimeoutMs`, `logLevel`, `accessLog` | `port`, `adminPort`, `listenBacklog`, `headerReadTimeoutMs`, `logFormat`, `sharedCounter`, `discovery` and its Service |
 //!
 //! Requests already in flight finish with the settings they started with;
 //! the next request reads the new ones (one atomic load).
@@ -65,6 +65,7 @@ impl Live {
                 old.header_read_timeout != new.header_read_timeout,
             ),
             ("logFormat", old.log_format != new.log_format),
+            ("sharedCounter", old.shared_counter != new.shared_counter),
             (
                 "discovery",
                 static_lists.is_none() && old.source != new.source,
@@ -119,6 +120,7 @@ impl Live {
             listen_backlog: old.listen_backlog,
             header_read_timeout: old.header_read_timeout,
             log_format: old.log_format,
+            shared_counter: old.shared_counter.clone(),
             source: match static_lists {
                 Some(_) => new.source.clone(),
                 None => old.source.clone(),

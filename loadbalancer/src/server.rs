@@ -84,6 +84,17 @@ pub async fn run(
     balancer.set_algorithm(settings.algorithm, &settings.weights);
     balancer.set_outlier_policy(settings.outlier_policy());
     balancer.checker.configure(settings.health_check.clone());
+    if let Some(url) = &settings.shared_counter {
+        let service = match &settings.source {
+            crate::config::Source::Kubernetes { service, .. } => service.as_str(),
+            crate::config::Source::Static(_) => "static",
+        };
+        let key = format!("loadbalancer:round-robin:{service}");
+        // The URL was checked with the config, so this does not fail.
+        if let Ok(counter) = crate::balancer::shared_counter::SharedCounter::start(url, key) {
+            balancer.shared_counter.store(Some(counter));
+        }
+    }
     let readiness = Arc::new(Readiness::default());
     let status = Arc::new(discovery::Status::default());
     discovery::start(

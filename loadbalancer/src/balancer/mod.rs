@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper::header::HeaderValue;
 use hyper::http::uri::Authority;
 use jiff::Timestamp;
@@ -42,6 +42,7 @@ mod least_connections;
 mod power_of_two;
 mod random;
 mod round_robin;
+pub mod shared_counter;
 mod weighted;
 
 use algorithm::Selection;
@@ -143,6 +144,8 @@ pub struct Balancer {
     changes: Mutex<VecDeque<ChangeRecord>>,
     /// Active health checks, when configured.
     pub checker: Arc<checker::Checker>,
+    /// Round robin's counter in Redis, when configured (`sharedCounter`).
+    pub shared_counter: ArcSwapOption<shared_counter::SharedCounter>,
 }
 
 // === impl Backend ===
@@ -222,6 +225,7 @@ impl Balancer {
             totals: Totals::default(),
             changes: Mutex::new(VecDeque::new()),
             checker: Arc::default(),
+            shared_counter: ArcSwapOption::empty(),
         }
     }
 
@@ -344,6 +348,22 @@ impl Balancer {
     /// `tried`. When every backend is ejected, it fails open and picks among
     /// all of them (still not the `tried`). `None` when no backend is left.
     pub fn pick(&self, tried: &[SocketAddr]) -> Option<Arc<Backend>> {
+        self.pick_from(tried, None)
+    }
+
+    /// The first pick of a request: with a shared counter configured, round
+    /// robin takes its number from it (retries use the local counter).
+    pub async fn pick_first(&self) -> Option<Arc<Backend>> {
+        let shared = match self.shared_counter.load_full() {
+            Some(counter) if self.current.load().algorithm == Algorithm::RoundRobin => {
+                counter.next().await
+            }
+            _ => None,
+        };
+        self.pick_from(&[], shared)
+    }
+
+    fn pick_from(&self, tried: &[SocketAddr], shared: Option<usize>) -> Option<Arc<Backend>> {
         let snapshot = self.current.load();
         let backends = &snapshot.backends;
         let now = now_ms();
@@ -354,7 +374,13 @@ impl Balancer {
                     && !tried.contains(&b.addr)
                     && !lost_probe_race.contains(&b.addr)
             };
-            let Some(i) = snapshot.selection.pick(backends, &usable) else {
+            let picked = match shared {
+                Some(number) if !backends.is_empty() => {
+                    algorithm::first_usable_from(number, backends, &usable)
+                }
+                _ => snapshot.selection.pick(backends, &usable),
+            };
+            let Some(i) = picked else {
                 break;
             };
             // A probing backend takes one request; another may have won it.

@@ -196,7 +196,12 @@ impl Proxy {
         let mut last_failure = None;
 
         let outcome = loop {
-            let Some(backend) = self.balancer.pick(&tried) else {
+            let picked = if tried.is_empty() {
+                self.balancer.pick_first().await
+            } else {
+                self.balancer.pick(&tried)
+            };
+            let Some(backend) = picked else {
                 break Err(match last_failure.take() {
                     Some((backend, failure)) => (Some(backend), failure),
                     None => (None, Failure::NoBackend),
