@@ -47,6 +47,7 @@ distribution: ## Send N requests to URL and print the spread over pods (URL=... 
 
 bench: ## Benchmark against direct and nginx, and discovery convergence (installs wrk, nginx)
 	python3 scripts/bench.py
+	python3 scripts/bench_algorithms.py
 	cargo bench -p loadbalancer --bench convergence
 
 # === On kind (needs docker, kind, kubectl) ===
