@@ -18,7 +18,8 @@ REPLICAS ?= 5
 need = @command -v $(1) >/dev/null 2>&1 || { echo "make: '$(1)' is not installed; it is needed for this target (see README: Run it on kind)" >&2; exit 1; }
 
 .PHONY: help demo test build run-backend run-loadbalancer distribution bench \
-        up cluster images load deploy curl port-forward dashboard scale logs down
+        up cluster images load deploy curl port-forward dashboard scale slow-pod shared-counter \
+        logs down
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -97,6 +98,17 @@ scale: ## Scale the backend Deployment (REPLICAS=n, default 5)
 	$(call need,kubectl)
 	$(KUBECTL) scale deployment/backend --replicas=$(REPLICAS)
 	$(KUBECTL) rollout status deployment/backend --timeout=180s
+
+slow-pod: ## Add one backend pod that answers 50 ms late (the algorithms lesson)
+	$(call need,kubectl)
+	kubectl apply -k k8s/overlays/slow-pod
+	$(KUBECTL) rollout status deployment/backend-slow --timeout=180s
+
+shared-counter: ## Two load balancer replicas sharing one round-robin counter in Redis
+	$(call need,kubectl)
+	kubectl apply -k k8s/overlays/shared-counter
+	$(KUBECTL) rollout status deployment/redis --timeout=180s
+	$(KUBECTL) rollout status deployment/loadbalancer --timeout=180s
 
 logs: ## Follow the load balancer's logs
 	$(call need,kubectl)

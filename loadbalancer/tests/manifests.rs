@@ -567,3 +567,108 @@ fn images_are_versioned_and_agree_with_the_makefile_and_dockerfile() {
     }
     assert!(dockerfile.contains("cargo build --release --locked -p backend -p loadbalancer"));
 }
+
+/// Every file a kustomization in `dir` names exists, and is a manifest whose
+/// documents parse into their typed objects.
+fn kustomization_files(dir: &str) -> Vec<String> {
+    let kustomization: Value =
+        serde_saphyr::from_str(&read(&format!("{dir}/kustomization.yaml"))).unwrap();
+    let mut files = Vec::new();
+    for key in ["resources", "components"] {
+        for entry in kustomization[key].as_array().into_iter().flatten() {
+            let target = root().join(dir).join(entry.as_str().unwrap());
+            assert!(target.exists(), "{dir}: {key} entry {entry} exists");
+            if target.is_file() {
+                files.push(format!("{dir}/{}", entry.as_str().unwrap()));
+            }
+        }
+    }
+    for patch in kustomization["patches"].as_array().into_iter().flatten() {
+        let path = format!("{dir}/{}", patch["path"].as_str().unwrap());
+        assert!(root().join(&path).exists(), "{path} exists");
+        files.push(path);
+    }
+    files
+}
+
+#[test]
+fn the_shared_counter_component_adds_a_restricted_redis_that_the_config_points_at() {
+    let dir = "k8s/components/shared-counter";
+    let files = kustomization_files(dir);
+    assert_eq!(files.len(), 3, "{files:?}");
+    assert_eq!(
+        kustomization_files("k8s/overlays/shared-counter"),
+        Vec::<String>::new(),
+        "the overlay names only folders"
+    );
+
+    let redis: Deployment = one(&format!("{dir}/redis.yaml"));
+    let service: Service = one(&format!("{dir}/redis.yaml"));
+    let pod_security = pod(&redis).security_context.as_ref().unwrap();
+    assert_eq!(pod_security.run_as_non_root, Some(true));
+    let security = container(&redis).security_context.as_ref().unwrap();
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        security.capabilities.as_ref().unwrap().drop,
+        Some(vec!["ALL".to_owned()])
+    );
+    assert_eq!(
+        service.spec.as_ref().unwrap().selector,
+        redis.spec.selector.match_labels
+    );
+
+    // The patched config goes through the load balancer's own loader and
+    // points at that Service.
+    let config: ConfigMap = typed(
+        &format!("{dir}/loadbalancer-configmap.yaml"),
+        &read(&format!("{dir}/loadbalancer-configmap.yaml")),
+    );
+    let cli = <Cli as clap::Parser>::parse_from(["loadbalancer"]);
+    let settings = Settings::parse(
+        PathBuf::from("loadbalancer-configmap.yaml"),
+        config_json(&config).to_owned(),
+        &cli,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let port = service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port;
+    assert_eq!(
+        settings.shared_counter,
+        Some(format!(
+            "redis://{}:{port}",
+            service.metadata.name.clone().unwrap()
+        ))
+    );
+    let replicas: Value =
+        serde_saphyr::from_str(&read(&format!("{dir}/loadbalancer-replicas.yaml"))).unwrap();
+    assert_eq!(replicas["spec"]["replicas"], 2);
+}
+
+#[test]
+fn the_slow_pod_overlay_adds_one_slow_backend_the_service_selects() {
+    let dir = "k8s/overlays/slow-pod";
+    let files = kustomization_files(dir);
+    assert_eq!(
+        files,
+        [
+            "k8s/overlays/slow-pod/../../backend-deployment.yaml",
+            "k8s/overlays/slow-pod/slow.yaml"
+        ]
+    );
+    let patch: Value = serde_saphyr::from_str(&read(&format!("{dir}/slow.yaml"))).unwrap();
+    let args = &patch["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert_eq!(
+        args,
+        &serde_json::json!([
+            "--config",
+            "/etc/config/config.json",
+            "--response-delay-ms",
+            "50"
+        ])
+    );
+    // Same labels as the base, so the backend Service selects the slow pod.
+    let m = manifests();
+    assert_eq!(
+        m.backend_service.spec.as_ref().unwrap().selector,
+        m.backend.spec.selector.match_labels
+    );
+}
