@@ -8,6 +8,8 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::testkit::{Http, PATIENCE, poll_async};
 use serde_json::{Value, json};
@@ -65,6 +67,19 @@ async fn least_connections_sends_a_slow_backend_far_fewer_requests_than_round_ro
         "a third, whatever it costs: {round_robin:?}"
     );
 
+    // Traffic flows while the config changes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let background = tokio::spawn({
+        let (stop, url) = (stop.clone(), lb.url("/"));
+        async move {
+            let http = Http::new();
+            let mut statuses = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                statuses.push(http.try_get(&url).await.map(|r| r.status.as_u16()));
+            }
+            statuses
+        }
+    });
     configmap.write(&config(&all, "least_connections").to_string());
     let switched = poll_async(PATIENCE, || async {
         let listed = Http::new().get(&lb.admin_url("/backends")).await.json();
@@ -74,6 +89,13 @@ async fn least_connections_sends_a_slow_backend_far_fewer_requests_than_round_ro
     assert!(switched.is_some(), "the algorithm follows the config");
 
     let least = spread(&lb, 240).await;
+    stop.store(true, Ordering::Relaxed);
+    let statuses = background.await.unwrap();
+    assert!(!statuses.is_empty());
+    assert!(
+        statuses.iter().all(|s| s == &Ok(200)),
+        "no request failed across the switch"
+    );
     let slow_share = least.get(&slow_addr).copied().unwrap_or(0);
     assert!(
         slow_share < 240 / 10,
