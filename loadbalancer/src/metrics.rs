@@ -44,8 +44,12 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use crate::balancer::health::now_ms;
 use crate::balancer::{Backend, Balancer, Reason, State};
 use crate::discovery;
+
+/// How fast the latency average forgets, in ms (Linkerd's default is 10 s).
+const LATENCY_DECAY_MS: f64 = 10_000.0;
 
 /// Status codes 100 to 599, one counter each.
 const CODES: usize = 500;
@@ -66,9 +70,12 @@ pub struct BackendStats {
     /// Ejections by reason: connect, 5xx, active check.
     ejections: [AtomicU64; 3],
     duration: Histogram,
-    /// A decaying average of the time to the response head, in µs, for
-    /// power of two choices to break ties.
+    /// Peak-EWMA of the time to the response head, in µs (power of two
+    /// choices weighs backends by it): a slower answer raises it at once,
+    /// faster ones lower it gradually, and it decays while no answer comes.
     latency_micros: AtomicU64,
+    /// When the last answer came (ms, the health clock).
+    latency_at_ms: AtomicU64,
     /// Only written when something fails, never on the happy path.
     last_error: Mutex<Option<String>>,
 }
@@ -117,6 +124,7 @@ impl Default for BackendStats {
             ejections: std::array::from_fn(|_| AtomicU64::new(0)),
             duration: Histogram::default(),
             latency_micros: AtomicU64::new(0),
+            latency_at_ms: AtomicU64::new(0),
             last_error: Mutex::new(None),
         }
     }
@@ -129,17 +137,28 @@ impl BackendStats {
             self.codes[i].fetch_add(1, Relaxed);
         }
         self.duration.observe(elapsed);
-        // new = old + (sample - old) / 8; a lost update between two racing
-        // requests only blurs an average.
-        let old = self.latency_micros.load(Relaxed) as i64;
-        let sample = elapsed.as_micros() as i64;
-        self.latency_micros
-            .store((old + (sample - old) / 8) as u64, Relaxed);
+        // Peak-EWMA, as in Finagle and Linkerd: a slower sample is taken
+        // whole, a faster one blends in by how long ago the last one was.
+        // A lost update between two racing requests only blurs an average.
+        let now = now_ms();
+        let since = now.saturating_sub(self.latency_at_ms.swap(now, Relaxed));
+        let old = self.latency_micros.load(Relaxed) as f64;
+        let sample = elapsed.as_micros() as f64;
+        let new = if sample > old {
+            sample
+        } else {
+            let keep = (-(since as f64) / LATENCY_DECAY_MS).exp();
+            old * keep + sample * (1.0 - keep)
+        };
+        self.latency_micros.store(new as u64, Relaxed);
     }
 
-    /// The decaying average time to the response head, in µs.
-    pub fn latency_micros(&self) -> u64 {
-        self.latency_micros.load(Relaxed)
+    /// The peak-EWMA time to the response head in µs, decayed by the time
+    /// since the last answer: a backend that was slow and then left alone
+    /// is tried again after a while, instead of being shunned for ever.
+    pub fn latency_micros(&self) -> f64 {
+        let since = now_ms().saturating_sub(self.latency_at_ms.load(Relaxed));
+        self.latency_micros.load(Relaxed) as f64 * (-(since as f64) / LATENCY_DECAY_MS).exp()
     }
 
     /// An attempt on this backend failed and was retried on another.

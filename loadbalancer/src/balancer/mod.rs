@@ -684,6 +684,21 @@ mod tests {
     }
 
     #[test]
+    fn power_of_two_weighs_requests_in_flight_by_latency() {
+        let balancer = Balancer::new(Duration::from_secs(1));
+        balancer.publish(&addrs(&["10.0.0.1:80", "10.0.0.2:80"]));
+        balancer.set_algorithm(Algorithm::PowerOfTwo, &Weights::new());
+        let backends = balancer.snapshot().backends.clone();
+        backends[0].stats.answered(200, Duration::from_micros(500));
+        backends[1].stats.answered(200, Duration::from_millis(50));
+        // The fast one with 20 in flight still costs less than the idle slow one.
+        let _busy: Vec<_> = (0..20)
+            .map(|_| crate::metrics::InFlight::start(backends[0].clone()))
+            .collect();
+        assert_eq!(picks(&balancer, 20), vec!["10.0.0.1:80"; 20]);
+    }
+
+    #[test]
     fn random_reaches_every_backend_and_skips_unusable_ones() {
         let balancer = Balancer::new(Duration::from_secs(60));
         balancer.publish(&addrs(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]));

@@ -1,10 +1,15 @@
-//! Power of two choices: two backends at random, the one with fewer in flight.
+//! Power of two choices: two backends at random, the one that costs less.
 //!
-//! Nearly as good as least connections at avoiding busy backends, but each
-//! pick reads two counters instead of all of them, and many load balancers
-//! picking at once do not all pile onto the same "least loaded" backend.
-//! Ties go to the backend with the lower decaying average latency, as in
-//! Finagle and Linkerd.
+//! Each pick reads two backends instead of all of them, and many load
+//! balancers picking at once do not all pile onto the same "least loaded"
+//! backend. The cost is Linkerd's: the backend's peak-EWMA latency times
+//! (its requests in flight + 1). Counting only requests in flight (least
+//! connections) treats a pod that answers in 50 ms like one that answers in
+//! 0.5 ms whenever both have the same number open; weighing by latency
+//! sends the slow one a request only when the fast one is a hundred
+//! requests deep. A backend with no latency yet costs almost nothing, so a
+//! new backend gets traffic at once, and the average decays while a
+//! backend is left alone, so a slow one that recovered is tried again.
 
 use std::sync::Arc;
 
@@ -24,11 +29,11 @@ impl Selection for PowerOfTwo {
         // A second, different start: offset 1..n from the first.
         let second_start = first + 1 + fastrand::usize(..n.max(2) - 1);
         let second = first_usable_from(second_start, backends, usable).unwrap_or(first);
-        let load = |i: usize| {
+        let cost = |i: usize| {
             let stats = &backends[i].stats;
-            (stats.in_flight(), stats.latency_micros())
+            (stats.in_flight().max(0) + 1) as f64 * stats.latency_micros().max(1.0)
         };
-        Some(if load(second) < load(first) {
+        Some(if cost(second) < cost(first) {
             second
         } else {
             first
