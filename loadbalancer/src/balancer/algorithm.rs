@@ -5,7 +5,7 @@
 //! changes), and [`Selection::pick`] is cheap, called once per attempt on
 //! the request path: atomics and arithmetic, no lock, no allocation.
 //!
-//! `usable` says which backends may be picked now (not cooling down, not
+//! `usable` says which backends may be picked now (not ejected, not
 //! already tried by this request); an algorithm never returns another.
 
 use std::collections::BTreeMap;

@@ -109,7 +109,8 @@ pub struct Change {
 }
 
 impl Change {
-    fn is_empty(&self) -> bool {
+    /// Nothing joined and nothing left.
+    pub fn is_empty(&self) -> bool {
         self.added.is_empty() && self.removed.is_empty()
     }
 }
@@ -130,7 +131,8 @@ pub struct Member {
     pub pod: Option<String>,
 }
 
-/// The current snapshot, the round-robin counter and the cool-down policy.
+/// The current snapshot with its algorithm, the health policy, and the
+/// numbers and changes the admin port shows.
 #[derive(Debug)]
 pub struct Balancer {
     current: ArcSwap<Snapshot>,
@@ -212,7 +214,8 @@ impl Snapshot {
 // === impl Balancer ===
 
 impl Balancer {
-    /// A balancer with no backends yet; `cooldown` is the first cool-down.
+    /// A balancer with no backends yet; `cooldown` is how long a first
+    /// ejection lasts (the rest of the health policy: its defaults).
     pub fn new(cooldown: Duration) -> Balancer {
         let policy = Policy::default();
         Balancer {

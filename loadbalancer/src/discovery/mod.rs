@@ -199,7 +199,7 @@ pub fn static_set(addrs: &[std::net::SocketAddr]) -> BackendSet {
 /// Publishes `set` as the new backend set and logs the change, if any.
 pub fn publish(balancer: &Balancer, set: &BackendSet) {
     let change = balancer.publish(set);
-    if !change.added.is_empty() || !change.removed.is_empty() {
+    if !change.is_empty() {
         tracing::info!(
             added = change.added.len(),
             removed = change.removed.len(),

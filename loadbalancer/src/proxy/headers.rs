@@ -131,7 +131,8 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     static START: LazyLock<u64> = LazyLock::new(|| RandomState::new().hash_one(0));
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let id = format!("{:016x}{:016x}", *START, NEXT.fetch_add(1, Relaxed));
-    HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("invalid"))
+    // From the String itself, not a copy of it.
+    HeaderValue::try_from(id).unwrap_or(HeaderValue::from_static("invalid"))
 }
 
 #[cfg(test)]

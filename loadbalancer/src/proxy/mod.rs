@@ -13,7 +13,8 @@
 //!
 //! When a backend cannot be reached (connection refused, connect timeout),
 //! nothing was sent, so a request without a body is retried on the next
-//! backend, and the failed one sits out a cool-down. A request with a body is
+//! backend, and the failed one is ejected (see [`crate::balancer::health`]).
+//! A request with a body is
 //! not retried: its body streams straight from the client and cannot be
 //! replayed (nginx and Envoy buffer bodies to replay them; we keep memory
 //! flat instead). Once a request has been sent, a failure is a 502 and a
@@ -93,7 +94,8 @@ struct Upstream {
 /// How one attempt ended badly, and whose fault it was. Each carries the
 /// cause, as text.
 enum Failure {
-    /// No backend to try: none known, or all cooling down.
+    /// No backend to try: discovery has found none. (When all are ejected
+    /// the balancer fails open instead.)
     NoBackend,
     /// No connection could be made: nothing was sent. The backend's fault.
     Unreachable(String),
@@ -382,7 +384,7 @@ fn failure_response(
     match failure {
         Failure::NoBackend => error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "no backend is available: none was discovered, or all are cooling down after failures",
+            "no backend is available: discovery has found none",
         ),
         // Nothing reached any backend: like "no backend available".
         Failure::Unreachable(cause) => error(
