@@ -55,8 +55,8 @@ def wrk(url):
     }
 
 
-def clients(port):
-    """CLIENTS threads, each with its own keep-alive connection, sending GET /
+def clients(port, count=CLIENTS):
+    """`count` threads, each with its own keep-alive connection, sending GET /
     back to back for SECONDS; every request timed."""
     latencies, lock = [], threading.Lock()
 
@@ -74,7 +74,7 @@ def clients(port):
         with lock:
             latencies.extend(mine)
 
-    threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+    threads = [threading.Thread(target=client) for _ in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -172,6 +172,21 @@ def main():
         bench.say(f"    {algorithm}: p99 {r['p99_ms'] / rr:.2f}x round robin's, slow share "
                   f"{100 * r['slow_share']:.1f}% -> target {'met' if met else 'NOT met'}")
 
+    # Least connections evens out the number of requests open, so the slow
+    # backend's share, and with it the p99, follows the number of clients.
+    bench.say("==> least_connections by number of clients")
+    sweep = {}
+    for count in [2, 4, 16, 64]:
+        lb, port, admin = load_balancer(release, tmp, backends, {"algorithm": "least_connections"})
+        result = clients(port, count)
+        counts = served_by(admin)
+        result["slow_share"] = counts.get(slow, 0) / max(sum(counts.values()), 1)
+        sweep[count] = result
+        lb.terminate()
+        lb.wait()
+        bench.say(f"    {count:3} clients {result['rps']:8.0f} req/s  p50 {result['p50_ms']:6.2f} ms  "
+                  f"p99 {result['p99_ms']:6.2f} ms  slow backend {100 * result['slow_share']:5.1f}%")
+
     redis_port = bench.free_port()
     bench.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                  "--appendonly", "no"], bench.LOAD_CPU)
@@ -192,7 +207,7 @@ def main():
 
     out = ROOT / "target" / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "algorithms.json").write_text(json.dumps({"algorithms": results, "counter": counter}, indent=2))
+    (out / "algorithms.json").write_text(json.dumps({"algorithms": results, "least_connections_by_clients": sweep, "counter": counter}, indent=2))
     (ROOT / "docs").mkdir(exist_ok=True)
     svg(results, ROOT / "docs" / "algorithms.svg")
     bench.say(f"written to {out / 'algorithms.json'} and docs/algorithms.svg")

@@ -88,14 +88,30 @@ impl Algorithm {
     }
 }
 
-/// The first usable backend at or after `start`, wrapping around.
-pub(super) fn first_usable_from(
-    start: usize,
+/// The backend for `ticket` (a counter value or a random number) among the
+/// usable ones: `backends[ticket % n]` when it is usable, else the
+/// `ticket % k`-th of the `k` usable backends.
+///
+/// Why not "the next usable one after it": then the backend just after a run
+/// of unusable ones inherits all their turns (with 28 of 30 ejected, one of
+/// the two left would get 29 requests in 30). Spreading the missed tickets
+/// over the usable backends keeps them even.
+pub(super) fn usable_for_ticket(
+    ticket: usize,
     backends: &[Arc<Backend>],
     usable: &dyn Fn(&Backend) -> bool,
 ) -> Option<usize> {
     let n = backends.len();
-    (0..n)
-        .map(|offset| start.wrapping_add(offset) % n)
-        .find(|&i| usable(&backends[i]))
+    if n == 0 {
+        return None;
+    }
+    let i = ticket % n;
+    if usable(&backends[i]) {
+        return Some(i);
+    }
+    let k = backends.iter().filter(|b| usable(b)).count();
+    if k == 0 {
+        return None;
+    }
+    (0..n).filter(|&j| usable(&backends[j])).nth(ticket % k)
 }

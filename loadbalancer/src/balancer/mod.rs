@@ -379,7 +379,7 @@ impl Balancer {
             };
             let picked = match shared {
                 Some(number) if !backends.is_empty() => {
-                    algorithm::first_usable_from(number, backends, &usable)
+                    algorithm::usable_for_ticket(number, backends, &usable)
                 }
                 _ => snapshot.selection.pick(backends, &usable),
             };
@@ -408,7 +408,7 @@ impl Balancer {
         // Any of them, at random: the algorithm's own state already moved on
         // for the pick that found nothing.
         let start = fastrand::usize(..backends.len());
-        let i = algorithm::first_usable_from(start, backends, &|b| !tried.contains(&b.addr))?;
+        let i = algorithm::usable_for_ticket(start, backends, &|b| !tried.contains(&b.addr))?;
         Some(backends[i].clone())
     }
 
@@ -565,6 +565,33 @@ mod tests {
         balancer.record(&bad, Outcome::Success);
         assert_eq!(bad.state(), State::Healthy);
         assert!(picks(&balancer, 3).contains(&"10.0.0.2:80".to_string()));
+    }
+
+    #[test]
+    fn the_turns_of_ejected_backends_are_spread_over_the_others() {
+        let balancer = Balancer::new(Duration::from_secs(60));
+        balancer.set_outlier_policy(health::Policy {
+            max_ejection_percent: 100,
+            ..health::Policy::default()
+        });
+        let list: Vec<String> = (1..=30).map(|i| format!("10.0.0.{i}:80")).collect();
+        balancer.publish(&addrs(&list.iter().map(String::as_str).collect::<Vec<_>>()));
+        let backends = balancer.snapshot().backends.clone();
+        // The two left sit at the start of a run of 28 ejected backends:
+        // "the next usable one" would hand the second all 28 turns.
+        for backend in &backends[2..] {
+            balancer.record(backend, Outcome::ConnectFailure);
+        }
+        let picked = picks(&balancer, 3000);
+        let first = picked
+            .iter()
+            .filter(|a| **a == backends[0].addr.to_string())
+            .count();
+        let second = picked
+            .iter()
+            .filter(|a| **a == backends[1].addr.to_string())
+            .count();
+        assert_eq!((first, second), (1500, 1500));
     }
 
     #[test]

@@ -14,7 +14,7 @@
 use std::sync::Arc;
 
 use super::Backend;
-use super::algorithm::{Selection, first_usable_from};
+use super::algorithm::{Selection, usable_for_ticket};
 
 #[derive(Debug)]
 pub struct PowerOfTwo;
@@ -25,10 +25,11 @@ impl Selection for PowerOfTwo {
         if n == 0 {
             return None;
         }
-        let first = first_usable_from(fastrand::usize(..n), backends, usable)?;
+        let first = usable_for_ticket(fastrand::usize(..n), backends, usable)?;
         // A second, different start: offset 1..n from the first.
         let second_start = first + 1 + fastrand::usize(..n.max(2) - 1);
-        let second = first_usable_from(second_start, backends, usable).unwrap_or(first);
+        let other = |b: &Backend| usable(b) && !std::ptr::eq(b, &*backends[first]);
+        let second = usable_for_ticket(second_start, backends, &other).unwrap_or(first);
         let cost = |i: usize| {
             let stats = &backends[i].stats;
             (stats.in_flight().max(0) + 1) as f64 * stats.latency_micros().max(1.0)

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::Backend;
-use super::algorithm::{Selection, first_usable_from};
+use super::algorithm::{Selection, usable_for_ticket};
 
 #[derive(Debug)]
 pub struct Random;
@@ -14,6 +14,6 @@ impl Selection for Random {
         if backends.is_empty() {
             return None;
         }
-        first_usable_from(fastrand::usize(..backends.len()), backends, usable)
+        usable_for_ticket(fastrand::usize(..backends.len()), backends, usable)
     }
 }

@@ -1,13 +1,14 @@
 //! Round robin: one shared counter, `fetch_add(1) % len`.
 //!
 //! With N healthy backends, N sequential requests reach each exactly once.
-//! A backend that may not be used is skipped by moving on to the next one.
+//! The turn of a backend that may not be used now goes to one of the usable
+//! ones, spread evenly (see [`usable_for_ticket`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use super::Backend;
-use super::algorithm::{Selection, first_usable_from};
+use super::algorithm::{Selection, usable_for_ticket};
 
 #[derive(Debug, Default)]
 pub struct RoundRobin {
@@ -19,6 +20,6 @@ impl Selection for RoundRobin {
         if backends.is_empty() {
             return None;
         }
-        first_usable_from(self.next.fetch_add(1, Relaxed), backends, usable)
+        usable_for_ticket(self.next.fetch_add(1, Relaxed), backends, usable)
     }
 }
