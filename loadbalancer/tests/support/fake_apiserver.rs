@@ -2,8 +2,11 @@
 //! the load balancer's discovery to run against it unchanged.
 //!
 //! It serves, on `127.0.0.1`, lists and watches of EndpointSlices
-//! (`/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices`) and v1
-//! Endpoints (`/api/v1/namespaces/{ns}/endpoints`):
+//! (`/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices`), v1
+//! Endpoints (`/api/v1/namespaces/{ns}/endpoints`), Pods
+//! (`/api/v1/namespaces/{ns}/pods`) and the custom resource `Server`
+//! (`/apis/lb.example.com/v1alpha1/namespaces/{ns}/servers`), whose status
+//! subresource takes JSON merge patches (`.../servers/{name}/status`):
 //! - a list answers every matching object and the current
 //!   `metadata.resourceVersion`;
 //! - a watch (`?watch=true&resourceVersion=N`) replays the changes after N,
@@ -15,7 +18,9 @@
 //!
 //! The test drives it: change objects, drop every watch, forget history
 //! (forcing 410s), answer 403 (for good, or for the next few requests), or
-//! go down entirely and come back on the same port. Objects are k8s-openapi types, serialized as the real server would.
+//! go down entirely and come back on the same port, refuse status patches.
+//! Objects go in as typed values (k8s-openapi types, the load balancer's
+//! `Server`) and are kept as the JSON the real server would send.
 #![allow(deprecated, dead_code)] // v1 Endpoints is under test; each test crate uses a part
 
 use std::collections::BTreeMap;
@@ -28,23 +33,54 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, patch};
 use futures_util::StreamExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use k8s_openapi::api::core::v1::Endpoints;
+use k8s_openapi::api::core::v1::{Endpoints, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ListMeta, Status, WatchEvent};
-use k8s_openapi::{List, ListableResource, Metadata};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Status, WatchEvent};
 use serde::Serialize;
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
-/// Which of the two collections a request or change is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which collection a request or change is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     Slices,
     Endpoints,
+    Pods,
+    Servers,
+}
+
+impl Kind {
+    /// The resource as RBAC and error messages name it.
+    fn resource(self) -> &'static str {
+        match self {
+            Kind::Slices => "endpointslices",
+            Kind::Endpoints => "endpoints",
+            Kind::Pods => "pods",
+            Kind::Servers => "servers",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::Slices => "discovery.k8s.io/v1",
+            Kind::Endpoints | Kind::Pods => "v1",
+            Kind::Servers => "lb.example.com/v1alpha1",
+        }
+    }
+
+    fn list_kind(self) -> &'static str {
+        match self {
+            Kind::Slices => "EndpointSliceList",
+            Kind::Endpoints => "EndpointsList",
+            Kind::Pods => "PodList",
+            Kind::Servers => "ServerList",
+        }
+    }
 }
 
 /// A change, as kept in history and sent to watchers.
@@ -61,7 +97,9 @@ struct Change {
 #[derive(Debug, Clone)]
 enum Broadcast {
     Change(Change),
-    Bookmark,
+    /// A bookmark at this version: taken when sent, not when a watch
+    /// passes it on, or a change made since could be skipped.
+    Bookmark(u64),
     /// Every open watch ends.
     CloseWatches,
 }
@@ -69,8 +107,8 @@ enum Broadcast {
 #[derive(Debug, Default)]
 struct World {
     resource_version: u64,
-    slices: BTreeMap<String, EndpointSlice>,
-    endpoints: BTreeMap<String, Endpoints>,
+    /// Each collection's objects by name, as JSON.
+    objects: BTreeMap<Kind, BTreeMap<String, Value>>,
     history: Vec<Change>,
     /// Watches from a version older than this get 410 Gone.
     oldest_kept: u64,
@@ -79,6 +117,10 @@ struct World {
     /// has just restarted and has not loaded its RBAC rules yet.
     forbid_next: usize,
     lists: usize,
+    /// Status patches answered 403 from now on.
+    status_forbidden: bool,
+    /// Status patches received (refused ones included).
+    status_patches: usize,
 }
 
 #[derive(Debug)]
@@ -144,24 +186,54 @@ impl FakeApiServer {
 
     /// Creates or replaces an EndpointSlice, notifying watchers.
     pub fn apply_slice(&self, slice: EndpointSlice) {
-        self.change(Kind::Slices, slice, false);
+        self.change(Kind::Slices, json(&slice));
     }
 
     /// Deletes the EndpointSlice `name`, notifying watchers.
     pub fn delete_slice(&self, name: &str) {
-        self.change(
-            Kind::Slices,
-            EndpointSlice {
-                metadata: meta(name, &[]),
-                ..Default::default()
-            },
-            true,
-        );
+        self.delete(Kind::Slices, name);
     }
 
     /// Creates or replaces an Endpoints object, notifying watchers.
     pub fn apply_endpoints(&self, endpoints: Endpoints) {
-        self.change(Kind::Endpoints, endpoints, false);
+        self.change(Kind::Endpoints, json(&endpoints));
+    }
+
+    /// Creates or replaces a Pod, notifying watchers.
+    pub fn apply_pod(&self, pod: Pod) {
+        self.change(Kind::Pods, json(&pod));
+    }
+
+    /// Deletes the Pod `name`, notifying watchers.
+    pub fn delete_pod(&self, name: &str) {
+        self.delete(Kind::Pods, name);
+    }
+
+    /// Creates a Server or replaces its spec; as with a real status
+    /// subresource, the status it has is kept.
+    pub fn apply_server(&self, server: &impl Serialize) {
+        self.change(Kind::Servers, json(server));
+    }
+
+    /// Deletes the Server `name`, notifying watchers.
+    pub fn delete_server(&self, name: &str) {
+        self.delete(Kind::Servers, name);
+    }
+
+    /// The Server `name` as the API server holds it.
+    pub fn server(&self, name: &str) -> Option<Value> {
+        let world = self.shared.world.lock().unwrap();
+        world.objects.get(&Kind::Servers)?.get(name).cloned()
+    }
+
+    /// How many status patches have been received.
+    pub fn status_patches(&self) -> usize {
+        self.shared.world.lock().unwrap().status_patches
+    }
+
+    /// From now on status patches are answered 403 Forbidden (or not).
+    pub fn set_status_forbidden(&self, forbidden: bool) {
+        self.shared.world.lock().unwrap().status_forbidden = forbidden;
     }
 
     /// Changes an EndpointSlice while no watcher can see it, and forgets
@@ -169,11 +241,14 @@ impl FakeApiServer {
     pub fn apply_slice_unseen(&self, slice: EndpointSlice) {
         let mut world = self.shared.world.lock().unwrap();
         let version = bump(&mut world);
-        let mut slice = slice;
+        let mut slice = json(&slice);
         stamp(&mut slice, &self.shared.namespace, version);
+        let name = name_of(&slice);
         world
-            .slices
-            .insert(slice.metadata.name.clone().unwrap(), slice);
+            .objects
+            .entry(Kind::Slices)
+            .or_default()
+            .insert(name, slice);
         world.history.clear();
         world.oldest_kept = version + 1;
     }
@@ -185,7 +260,8 @@ impl FakeApiServer {
 
     /// Sends a BOOKMARK with the current version to every watch.
     pub fn bookmark(&self) {
-        let _ = self.shared.broadcast.send(Broadcast::Bookmark);
+        let version = self.shared.world.lock().unwrap().resource_version;
+        let _ = self.shared.broadcast.send(Broadcast::Bookmark(version));
     }
 
     /// From now on every request is answered 403 Forbidden (or not).
@@ -228,6 +304,15 @@ impl FakeApiServer {
                 get(slices),
             )
             .route("/api/v1/namespaces/{namespace}/endpoints", get(endpoints))
+            .route("/api/v1/namespaces/{namespace}/pods", get(pods))
+            .route(
+                "/apis/lb.example.com/v1alpha1/namespaces/{namespace}/servers",
+                get(servers),
+            )
+            .route(
+                "/apis/lb.example.com/v1alpha1/namespaces/{namespace}/servers/{name}/status",
+                patch(server_status),
+            )
             .with_state(self.shared.clone());
         let runtime = self.runtime.as_ref().unwrap();
         let server = runtime.spawn(async move {
@@ -247,40 +332,50 @@ impl FakeApiServer {
         *self.server.lock().unwrap() = Some(server);
     }
 
-    fn change<K>(&self, kind: Kind, mut object: K, deleted: bool)
-    where
-        K: Serialize
-            + Clone
-            + Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
-        World: Collection<K>,
-    {
+    fn delete(&self, kind: Kind, name: &str) {
+        let mut world = self.shared.world.lock().unwrap();
+        let version = bump(&mut world);
+        let Some(mut gone) = world.objects.entry(kind).or_default().remove(name) else {
+            return;
+        };
+        gone["metadata"]["resourceVersion"] = version.to_string().into();
+        self.record(&mut world, kind, version, "DELETED", gone);
+    }
+
+    fn change(&self, kind: Kind, mut object: Value) {
         let mut world = self.shared.world.lock().unwrap();
         let version = bump(&mut world);
         stamp(&mut object, &self.shared.namespace, version);
-        let name = object.metadata().name.clone().unwrap();
-        let collection = <World as Collection<K>>::collection(&mut world);
-        let event = if deleted {
-            let Some(mut gone) = collection.remove(&name) else {
-                return;
-            };
-            gone.metadata_mut().resource_version = Some(version.to_string());
-            object = gone;
-            WatchEvent::Deleted(object.clone())
-        } else if collection.insert(name.clone(), object.clone()).is_some() {
-            WatchEvent::Modified(object.clone())
-        } else {
-            WatchEvent::Added(object.clone())
+        let name = name_of(&object);
+        let collection = world.objects.entry(kind).or_default();
+        if kind == Kind::Servers
+            && let Some(status) = collection.get(&name).and_then(|old| old.get("status"))
+        {
+            object["status"] = status.clone();
+        }
+        let event = match collection.insert(name, object.clone()) {
+            Some(_) => "MODIFIED",
+            None => "ADDED",
         };
-        let change = Change {
-            kind,
-            resource_version: version,
-            name,
-            labels: object.metadata().labels.clone().unwrap_or_default(),
-            line: serde_json::to_string(&event).unwrap() + "\n",
-        };
-        world.history.push(change.clone());
-        let _ = self.shared.broadcast.send(Broadcast::Change(change));
+        self.record(&mut world, kind, version, event, object);
     }
+
+    /// Keeps the change in history and sends it to watchers.
+    fn record(&self, world: &mut World, kind: Kind, version: u64, event: &str, object: Value) {
+        record(&self.shared, world, kind, version, event, object);
+    }
+}
+
+fn record(shared: &Shared, world: &mut World, kind: Kind, version: u64, event: &str, object: Value) {
+    let change = Change {
+        kind,
+        resource_version: version,
+        name: name_of(&object),
+        labels: labels_of(&object),
+        line: serde_json::to_string(&json!({ "type": event, "object": object })).unwrap() + "\n",
+    };
+    world.history.push(change.clone());
+    let _ = shared.broadcast.send(Broadcast::Change(change));
 }
 
 impl Drop for FakeApiServer {
@@ -293,36 +388,26 @@ impl Drop for FakeApiServer {
     }
 }
 
-/// The two collections, by object type.
-pub trait Collection<K> {
-    fn collection(&mut self) -> &mut BTreeMap<String, K>;
-}
-
-impl Collection<EndpointSlice> for World {
-    fn collection(&mut self) -> &mut BTreeMap<String, EndpointSlice> {
-        &mut self.slices
-    }
-}
-
-impl Collection<Endpoints> for World {
-    fn collection(&mut self) -> &mut BTreeMap<String, Endpoints> {
-        &mut self.endpoints
-    }
-}
-
 fn bump(world: &mut World) -> u64 {
     world.resource_version += 1;
     world.resource_version
 }
 
-fn stamp<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
-    object: &mut K,
-    namespace: &str,
-    version: u64,
-) {
-    let metadata = object.metadata_mut();
-    metadata.namespace = Some(namespace.to_owned());
-    metadata.resource_version = Some(version.to_string());
+fn stamp(object: &mut Value, namespace: &str, version: u64) {
+    object["metadata"]["namespace"] = namespace.into();
+    object["metadata"]["resourceVersion"] = version.to_string().into();
+}
+
+fn json(object: &impl Serialize) -> Value {
+    serde_json::to_value(object).unwrap()
+}
+
+fn name_of(object: &Value) -> String {
+    object["metadata"]["name"].as_str().unwrap().to_owned()
+}
+
+fn labels_of(object: &Value) -> BTreeMap<String, String> {
+    serde_json::from_value(object["metadata"]["labels"].clone()).unwrap_or_default()
 }
 
 /// Object metadata with a name and labels.
@@ -351,37 +436,97 @@ struct Params {
     field_selector: Option<String>,
 }
 
-async fn slices(
-    state: State<Arc<Shared>>,
-    namespace: Path<String>,
-    params: Query<Params>,
-) -> Response {
-    answer::<EndpointSlice>(Kind::Slices, state, namespace, params)
+async fn slices(state: State<Arc<Shared>>, namespace: Path<String>, params: Query<Params>) -> Response {
+    answer(Kind::Slices, state, namespace, params)
 }
 
-async fn endpoints(
-    state: State<Arc<Shared>>,
-    namespace: Path<String>,
-    params: Query<Params>,
-) -> Response {
-    answer::<Endpoints>(Kind::Endpoints, state, namespace, params)
+async fn endpoints(state: State<Arc<Shared>>, namespace: Path<String>, params: Query<Params>) -> Response {
+    answer(Kind::Endpoints, state, namespace, params)
 }
 
-fn answer<K>(
+async fn pods(state: State<Arc<Shared>>, namespace: Path<String>, params: Query<Params>) -> Response {
+    answer(Kind::Pods, state, namespace, params)
+}
+
+async fn servers(state: State<Arc<Shared>>, namespace: Path<String>, params: Query<Params>) -> Response {
+    answer(Kind::Servers, state, namespace, params)
+}
+
+/// `PATCH .../servers/{name}/status` with a JSON merge patch: only the
+/// status changes, as through a real status subresource.
+async fn server_status(
+    State(shared): State<Arc<Shared>>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let mut world = shared.world.lock().unwrap();
+    world.status_patches += 1;
+    if world.status_forbidden {
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!(
+                "servers.lb.example.com \"{name}\" is forbidden: User \"system:serviceaccount:{namespace}:loadbalancer\" \
+                 cannot patch resource \"servers/status\" in API group \"lb.example.com\" in the namespace \"{namespace}\""
+            ),
+        );
+    }
+    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok());
+    if content_type != Some("application/merge-patch+json") {
+        return status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            format!("the body of the request was in an unknown format: {content_type:?}"),
+        );
+    }
+    let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON".into());
+    };
+    let version = bump(&mut world);
+    let Some(object) = world
+        .objects
+        .get_mut(&Kind::Servers)
+        .and_then(|servers| servers.get_mut(&name))
+        .filter(|_| namespace == shared.namespace)
+    else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("servers.lb.example.com \"{name}\" not found"),
+        );
+    };
+    merge(&mut object["status"], &patch["status"]);
+    object["metadata"]["resourceVersion"] = version.to_string().into();
+    let object = object.clone();
+    record(&shared, &mut world, Kind::Servers, version, "MODIFIED", object.clone());
+    ([("content-type", "application/json")], object.to_string()).into_response()
+}
+
+/// RFC 7386 JSON merge patch: objects merge, `null` removes, the rest replaces.
+fn merge(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    for (key, value) in patch {
+        if value.is_null() {
+            target.as_object_mut().unwrap().remove(key);
+        } else {
+            merge(&mut target[key], value);
+        }
+    }
+}
+
+fn answer(
     kind: Kind,
     State(shared): State<Arc<Shared>>,
     Path(namespace): Path<String>,
     Query(params): Query<Params>,
-) -> Response
-where
-    K: Serialize
-        + Clone
-        + ListableResource
-        + Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>
-        + Send
-        + 'static,
-    World: Collection<K>,
-{
+) -> Response {
     let mut world = shared.world.lock().unwrap();
     if params.watch != Some(true) {
         world.lists += 1;
@@ -394,10 +539,7 @@ where
         } else {
             "list"
         };
-        let resource = match kind {
-            Kind::Slices => "endpointslices",
-            Kind::Endpoints => "endpoints",
-        };
+        let resource = kind.resource();
         return status(
             StatusCode::FORBIDDEN,
             "Forbidden",
@@ -412,23 +554,21 @@ where
 
     if params.watch != Some(true) {
         let version = world.resource_version.to_string();
-        let items: Vec<K> = <World as Collection<K>>::collection(&mut world)
+        let items: Vec<Value> = world
+            .objects
+            .entry(kind)
+            .or_default()
             .values()
-            .filter(|object| items_in_namespace && selector.matches(object.metadata()))
+            .filter(|object| items_in_namespace && selector.matches_object(object))
             .cloned()
             .collect();
-        let list = List {
-            items,
-            metadata: ListMeta {
-                resource_version: Some(version),
-                ..Default::default()
-            },
-        };
-        return (
-            [("content-type", "application/json")],
-            serde_json::to_string(&list).unwrap(),
-        )
-            .into_response();
+        let list = json!({
+            "apiVersion": kind.api_version(),
+            "kind": kind.list_kind(),
+            "metadata": { "resourceVersion": version },
+            "items": items,
+        });
+        return ([("content-type", "application/json")], list.to_string()).into_response();
     }
 
     let since: u64 = params
@@ -438,7 +578,7 @@ where
         .unwrap_or(0);
     if since + 1 < world.oldest_kept {
         // As after etcd compaction: the client must list again.
-        let gone: WatchEvent<K> = WatchEvent::ErrorStatus(Status {
+        let gone: WatchEvent<Value> = WatchEvent::ErrorStatus(Status {
             code: Some(410),
             reason: Some("Expired".into()),
             message: Some(format!("too old resource version: {since}")),
@@ -464,31 +604,29 @@ where
         .collect();
     // Subscribe before letting go of the lock, so no change falls between.
     let receiver = shared.broadcast.subscribe();
-    let current = Arc::new(Mutex::new(world.resource_version));
     drop(world);
 
-    let shared_for_bookmarks = shared.clone();
     let live = futures_util::stream::unfold(receiver, move |mut receiver| {
         let selector = selector.clone();
-        let shared = shared_for_bookmarks.clone();
-        let current = current.clone();
         async move {
             loop {
                 match receiver.recv().await {
                     Ok(Broadcast::Change(c))
                         if c.kind == kind && items_in_namespace && selector.matches_change(&c) =>
                     {
-                        *current.lock().unwrap() = c.resource_version;
                         return Some((c.line, receiver));
                     }
                     Ok(Broadcast::Change(_)) => {}
-                    Ok(Broadcast::Bookmark) => {
-                        let version = shared.world.lock().unwrap().resource_version.to_string();
-                        let bookmark: WatchEvent<K> = WatchEvent::Bookmark {
-                            annotations: Default::default(),
-                            resource_version: version,
-                        };
-                        return Some((serde_json::to_string(&bookmark).unwrap() + "\n", receiver));
+                    Ok(Broadcast::Bookmark(version)) => {
+                        let bookmark = json!({
+                            "type": "BOOKMARK",
+                            "object": {
+                                "apiVersion": kind.api_version(),
+                                "kind": kind.list_kind().trim_end_matches("List"),
+                                "metadata": { "resourceVersion": version.to_string() },
+                            },
+                        });
+                        return Some((bookmark.to_string() + "\n", receiver));
                     }
                     Ok(Broadcast::CloseWatches) | Err(_) => return None,
                 }
@@ -551,8 +689,8 @@ impl Selector {
         }
     }
 
-    fn matches(&self, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
-        self.matches_parts(meta.name.as_deref().unwrap_or(""), meta.labels.as_ref())
+    fn matches_object(&self, object: &Value) -> bool {
+        self.matches_parts(&name_of(object), Some(&labels_of(object)))
     }
 
     fn matches_change(&self, change: &Change) -> bool {
