@@ -56,6 +56,21 @@ pub enum DiscoveryKind {
     Endpoints,
     /// The fixed `backends` list.
     Static,
+    /// Watch Pods matching `podSelector` directly.
+    Pods,
+    /// Watch `Server` custom resources (`lb.example.com/v1alpha1`).
+    Servers,
+}
+
+/// What the load balancer speaks on its port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// HTTP/1.1: a backend is picked per request.
+    #[default]
+    Http,
+    /// TCP pass-through: a backend is picked per connection.
+    Tcp,
 }
 
 /// The config file, as written. Field names are camelCase in JSON.
@@ -72,11 +87,29 @@ pub struct FileConfig {
     pub backend_service_name: String,
     /// The backend port, by number.
     pub backend_port: u16,
-    /// The backend port, by name (as in the Service's `ports[].name`);
-    /// takes precedence over `backendPort` when set.
+    /// The backend port, by name (as in the Service's `ports[].name`, or
+    /// the container's `ports[].name` with `discovery: "pods"`); takes
+    /// precedence over `backendPort` when set.
     pub backend_port_name: Option<String>,
     /// The fixed backends for `discovery: "static"`, as `IP:port`.
     pub backends: Vec<String>,
+    /// For `discovery: "pods"`: a label selector, such as
+    /// `app.kubernetes.io/name=backend`.
+    pub pod_selector: Option<String>,
+    /// For `discovery: "servers"`: the DNS server (`IP:port`) that resolves
+    /// Server URLs; the system's resolver when absent.
+    pub dns_server: Option<String>,
+    /// For `discovery: "servers"`: the least time between two status
+    /// writes for one Server.
+    pub status_write_interval_ms: u64,
+    /// `http` (a backend per request) or `tcp` (a backend per connection).
+    pub mode: Mode,
+    /// TCP mode: how long a connection to a backend that left the set may
+    /// go on before it is closed.
+    pub drain_timeout_ms: u64,
+    /// TCP mode: a connection that moves no byte either way for this long
+    /// is closed.
+    pub tcp_idle_timeout_ms: u64,
     /// How long to wait for a TCP connection to a backend.
     pub connect_timeout_ms: u64,
     /// How long to wait for a backend's response headers before answering 504.
@@ -111,8 +144,9 @@ pub struct FileConfig {
     pub log_format: LogFormat,
     /// One `proxied` line per request.
     pub access_log: bool,
-    /// How a backend is picked for each request.
-    pub algorithm: Algorithm,
+    /// How a backend is picked for each request (or connection); when
+    /// absent, `round_robin` in HTTP mode and `least_connections` in TCP mode.
+    pub algorithm: Option<Algorithm>,
     /// For `weighted_round_robin`: weights by `IP:port` or pod-name prefix.
     pub weights: Weights,
     /// Active health checks; off when absent.
@@ -132,6 +166,12 @@ impl Default for FileConfig {
             backend_port: 8080,
             backend_port_name: None,
             backends: Vec::new(),
+            pod_selector: None,
+            dns_server: None,
+            status_write_interval_ms: 5_000,
+            mode: Mode::Http,
+            drain_timeout_ms: 30_000,
+            tcp_idle_timeout_ms: 600_000,
             connect_timeout_ms: 1_000,
             request_timeout_ms: 30_000,
             retries: 2,
@@ -147,7 +187,7 @@ impl Default for FileConfig {
             log_level: "info".into(),
             log_format: LogFormat::Text,
             access_log: true,
-            algorithm: Algorithm::RoundRobin,
+            algorithm: None,
             weights: Weights::new(),
             health_check: None,
             shared_counter: None,
@@ -159,11 +199,34 @@ impl Default for FileConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     Static(Vec<SocketAddr>),
+    /// The endpoints of a Service.
     Kubernetes {
         api: WatchedApi,
         service: String,
         port: BackendPort,
     },
+    /// Pods by label selector.
+    Pods {
+        selector: String,
+        port: BackendPort,
+    },
+    /// `Server` custom resources.
+    Servers {
+        dns_server: Option<SocketAddr>,
+        status_write_interval: Duration,
+    },
+}
+
+impl Source {
+    /// A short name for what is balanced, for the shared counter's key.
+    pub fn name(&self) -> &str {
+        match self {
+            Source::Static(_) => "static",
+            Source::Kubernetes { service, .. } => service,
+            Source::Pods { selector, .. } => selector,
+            Source::Servers { .. } => "servers",
+        }
+    }
 }
 
 /// Which Kubernetes API lists the backend Service's pods.
@@ -235,6 +298,9 @@ pub struct Settings {
     pub weights: Weights,
     pub health_check: Option<HealthCheck>,
     pub shared_counter: Option<String>,
+    pub mode: Mode,
+    pub drain_timeout: Duration,
+    pub tcp_idle_timeout: Duration,
     /// The file these settings came from, if any: it is watched for changes.
     pub file: Option<ConfigFile>,
 }
@@ -280,6 +346,12 @@ impl Settings {
             file.backends = backends.clone();
         }
 
+        let checked = |field: &str, value: u64| {
+            let unit = if field.ends_with("Ms") { " ms" } else { "" };
+            in_range(path, field, value, limit(field), unit)
+        };
+        let ms = |field: &str, value: u64| checked(field, value).map(Duration::from_millis);
+        let status_write_interval = ms("statusWriteIntervalMs", file.status_write_interval_ms)?;
         let source = match file.discovery {
             DiscoveryKind::Static => {
                 if file.backends.is_empty() {
@@ -308,7 +380,7 @@ impl Settings {
                     .collect::<Result<Vec<_>, _>>()?;
                 Source::Static(addrs)
             }
-            kind @ (DiscoveryKind::EndpointSlices | DiscoveryKind::Endpoints) => {
+            kind => {
                 if !file.backends.is_empty() {
                     return Err(invalid(
                         path,
@@ -316,42 +388,16 @@ impl Settings {
                         "a fixed list is only used with \"discovery\": \"static\"; remove it or set discovery to static",
                     ));
                 }
-                if file.backend_service_name.trim().is_empty() {
-                    return Err(invalid(
-                        path,
-                        "backendServiceName",
-                        "must name the backend Service",
-                    ));
-                }
-                let port = match file.backend_port_name {
-                    Some(name) if name.trim().is_empty() => {
-                        return Err(invalid(
-                            path,
-                            "backendPortName",
-                            "must not be empty when set",
-                        ));
-                    }
-                    Some(name) => BackendPort::Name(name),
-                    None if file.backend_port == 0 => {
-                        return Err(invalid(
-                            path,
-                            "backendPort",
-                            "must be a port from 1 to 65535",
-                        ));
-                    }
-                    None => BackendPort::Number(file.backend_port),
-                };
-                Source::Kubernetes {
-                    api: if kind == DiscoveryKind::Endpoints {
-                        WatchedApi::Endpoints
-                    } else {
-                        WatchedApi::EndpointSlices
-                    },
-                    service: file.backend_service_name,
-                    port,
-                }
+                kubernetes_source(path, kind, &file, status_write_interval)?
             }
         };
+        if file.pod_selector.is_some() && file.discovery != DiscoveryKind::Pods {
+            return Err(invalid(
+                path,
+                "podSelector",
+                "is only used with \"discovery\": \"pods\"; remove it or set discovery to pods",
+            ));
+        }
 
         if file.port != 0 && file.port == file.admin_port {
             let reason = format!("must differ from the proxy port (both are {})", file.port);
@@ -364,15 +410,6 @@ impl Settings {
                 invalid(path, "adminPort", reason)
             });
         }
-        let checked = |field: &str, value: u64| {
-            let range = LIMITS
-                .iter()
-                .find(|(name, _)| *name == field)
-                .map_or(0..=u64::MAX, |(_, range)| range.clone());
-            let unit = if field.ends_with("Ms") { " ms" } else { "" };
-            in_range(path, field, value, range, unit)
-        };
-        let ms = |field: &str, value: u64| checked(field, value).map(Duration::from_millis);
         if let Some(check) = &file.health_check {
             if !check.path.starts_with('/') {
                 return Err(invalid(
@@ -419,7 +456,7 @@ impl Settings {
         Ok(Settings {
             listen: SocketAddr::new(cli.host, file.port),
             admin_listen: SocketAddr::new(cli.host, file.admin_port),
-            source,
+            source: source.clone(),
             connect_timeout: ms("connectTimeoutMs", file.connect_timeout_ms)?,
             request_timeout: ms("requestTimeoutMs", file.request_timeout_ms)?,
             retries: checked("retries", u64::from(file.retries))? as u32,
@@ -437,20 +474,102 @@ impl Settings {
                 .map_err(|reason| invalid(path, "logLevel", reason))?,
             log_format: file.log_format,
             access_log: file.access_log,
-            algorithm: file.algorithm,
+            algorithm: file.algorithm.unwrap_or(match file.mode {
+                Mode::Http => Algorithm::RoundRobin,
+                Mode::Tcp => Algorithm::LeastConnections,
+            }),
             weights: file.weights,
-            health_check: file.health_check,
+            // Servers are only known healthy through the checks.
+            health_check: match source {
+                Source::Servers { .. } => Some(file.health_check.unwrap_or_default()),
+                _ => file.health_check,
+            },
             shared_counter: file.shared_counter,
+            mode: file.mode,
+            drain_timeout: ms("drainTimeoutMs", file.drain_timeout_ms)?,
+            tcp_idle_timeout: ms("tcpIdleTimeoutMs", file.tcp_idle_timeout_ms)?,
             file: None,
         })
     }
+}
+
+/// The source for one of the Kubernetes discovery kinds.
+fn kubernetes_source(
+    path: &Path,
+    kind: DiscoveryKind,
+    file: &FileConfig,
+    status_write_interval: Duration,
+) -> Result<Source, ConfigError> {
+    let port = || match &file.backend_port_name {
+        Some(name) if name.trim().is_empty() => Err(invalid(
+            path,
+            "backendPortName",
+            "must not be empty when set",
+        )),
+        Some(name) => Ok(BackendPort::Name(name.clone())),
+        None if file.backend_port == 0 => Err(invalid(
+            path,
+            "backendPort",
+            "must be a port from 1 to 65535",
+        )),
+        None => Ok(BackendPort::Number(file.backend_port)),
+    };
+    let api = match kind {
+        DiscoveryKind::Pods => {
+            let selector = file.pod_selector.as_deref().unwrap_or("").trim();
+            if selector.is_empty() {
+                return Err(invalid(
+                    path,
+                    "podSelector",
+                    "pods discovery needs a label selector, such as \"app.kubernetes.io/name=backend\"",
+                ));
+            }
+            return Ok(Source::Pods {
+                selector: selector.to_owned(),
+                port: port()?,
+            });
+        }
+        DiscoveryKind::Servers => {
+            let dns_server = file
+                .dns_server
+                .as_deref()
+                .map(|text| {
+                    text.trim().parse::<SocketAddr>().map_err(|_| {
+                        invalid(
+                            path,
+                            "dnsServer",
+                            format!("{text:?} is not an IP:port address (such as 10.96.0.10:53)"),
+                        )
+                    })
+                })
+                .transpose()?;
+            return Ok(Source::Servers {
+                dns_server,
+                status_write_interval,
+            });
+        }
+        DiscoveryKind::Endpoints => WatchedApi::Endpoints,
+        DiscoveryKind::EndpointSlices | DiscoveryKind::Static => WatchedApi::EndpointSlices,
+    };
+    if file.backend_service_name.trim().is_empty() {
+        return Err(invalid(
+            path,
+            "backendServiceName",
+            "must name the backend Service",
+        ));
+    }
+    Ok(Source::Kubernetes {
+        api,
+        service: file.backend_service_name.clone(),
+        port: port()?,
+    })
 }
 
 const MINUTE: u64 = 60_000;
 const HOUR: u64 = 60 * MINUTE;
 
 /// The allowed range of every duration (in ms) and count in the file.
-pub const LIMITS: [(&str, RangeInclusive<u64>); 12] = [
+pub const LIMITS: [(&str, RangeInclusive<u64>); 15] = [
     ("connectTimeoutMs", 1..=MINUTE),
     ("requestTimeoutMs", 1..=HOUR),
     ("retries", 0..=10),
@@ -463,7 +582,18 @@ pub const LIMITS: [(&str, RangeInclusive<u64>); 12] = [
     ("listenBacklog", 1..=65_535),
     ("drainDelayMs", 0..=10 * MINUTE),
     ("shutdownTimeoutMs", 1..=HOUR),
+    ("drainTimeoutMs", 0..=HOUR),
+    ("tcpIdleTimeoutMs", 1..=24 * HOUR),
+    ("statusWriteIntervalMs", 100..=HOUR),
 ];
+
+/// The range of `field` in [`LIMITS`].
+fn limit(field: &str) -> RangeInclusive<u64> {
+    LIMITS
+        .iter()
+        .find(|(name, _)| *name == field)
+        .map_or(0..=u64::MAX, |(_, range)| range.clone())
+}
 
 /// `10.0.0.1:8080` or `[fd00::1]:8080`. Names are not resolved: a backend is
 /// an address, as Kubernetes endpoints are.

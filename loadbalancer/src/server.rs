@@ -85,11 +85,7 @@ pub async fn run(
     balancer.set_outlier_policy(settings.outlier_policy());
     balancer.checker.configure(settings.health_check.clone());
     if let Some(url) = &settings.shared_counter {
-        let service = match &settings.source {
-            crate::config::Source::Kubernetes { service, .. } => service.as_str(),
-            crate::config::Source::Static(_) => "static",
-        };
-        let key = format!("loadbalancer:round-robin:{service}");
+        let key = format!("loadbalancer:round-robin:{}", settings.source.name());
         // The URL was checked with the config, so this does not fail.
         if let Ok(counter) = crate::balancer::shared_counter::SharedCounter::start(url, key) {
             balancer.shared_counter.store(Some(counter));

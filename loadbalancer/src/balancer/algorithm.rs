@@ -62,9 +62,12 @@ pub fn build(
     }
 }
 
-/// A backend's weight: its `IP:port` key, else the longest pod-name prefix
-/// that is a key, else 1.
+/// A backend's weight: its own (a `Server`'s `spec.weight`), else its
+/// `IP:port` key, else the longest pod-name prefix that is a key, else 1.
 pub fn weight_of(backend: &Backend, weights: &Weights) -> u32 {
+    if let Some(weight) = backend.pod.weight {
+        return weight;
+    }
     if let Some(weight) = weights.get(backend.label_str()) {
         return *weight;
     }

@@ -8,13 +8,19 @@
 //! `active_check`) until `healthyThreshold` passes bring it back, whatever
 //! the traffic says (see [`super::health`]).
 //!
+//! A backend whose discovery gives a health URL (a `Server` resource's
+//! `healthUrl`) is probed there instead of on its own address. Whoever needs
+//! the verdicts (the `servers` source writes them to each Server's status)
+//! can [`Checker::observe`] them: one [`Verdict`] per probe that confirms
+//! the current verdict or changes it.
+//!
 //! One task per backend, started when it joins the set and ended when it
 //! leaves. Each waits a random part of the interval before its first probe
 //! and varies each interval by ±10%, so 30 backends are not probed in one
 //! burst every interval.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -25,6 +31,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
 use super::Backend;
 use super::health::Reason;
@@ -60,6 +67,17 @@ impl Default for HealthCheck {
 pub struct Checker {
     config: ArcSwapOption<HealthCheck>,
     client: Client<HttpConnector, Empty<Bytes>>,
+    observer: OnceLock<mpsc::UnboundedSender<Verdict>>,
+}
+
+/// What the checks say of one backend after a probe.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    pub backend: Weak<Backend>,
+    pub healthy: bool,
+    /// What the probe found, such as `GET http://10.0.0.7:8080/readyz: 200 OK`.
+    pub message: String,
+    pub at: jiff::Timestamp,
 }
 
 impl Default for Checker {
@@ -67,6 +85,7 @@ impl Default for Checker {
         Checker {
             config: ArcSwapOption::empty(),
             client: Client::builder(TokioExecutor::new()).build_http(),
+            observer: OnceLock::new(),
         }
     }
 }
@@ -76,6 +95,14 @@ impl Checker {
     /// (and lets any backend the checks had ejected back in).
     pub fn configure(&self, config: Option<HealthCheck>) {
         self.config.store(config.map(Arc::new));
+    }
+
+    /// From now on, every probe that confirms or changes a backend's verdict
+    /// is also sent to the returned receiver (one observer at most).
+    pub fn observe(&self) -> Option<mpsc::UnboundedReceiver<Verdict>> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        self.observer.set(sender).ok()?;
+        Some(receiver)
     }
 
     /// Starts probing `backend`, until it leaves the set. (Outside a
@@ -108,6 +135,14 @@ impl Checker {
         }
     }
 
+    /// The health path probed on a backend's own address.
+    pub fn path(&self) -> String {
+        self.config
+            .load()
+            .as_ref()
+            .map_or_else(|| HealthCheck::default().path, |c| c.path.clone())
+    }
+
     fn interval(&self) -> Duration {
         self.config
             .load()
@@ -117,35 +152,65 @@ impl Checker {
             })
     }
 
-    async fn probe(&self, backend: &Backend, config: &HealthCheck) {
-        let uri: Result<Uri, _> = format!("http://{}{}", backend.addr, config.path).parse();
-        let passed = match uri {
-            Ok(uri) => {
-                let request = Request::get(uri).body(Empty::new());
-                let timeout = Duration::from_millis(config.timeout_ms);
-                match request {
-                    Ok(request) => matches!(
-                        tokio::time::timeout(timeout, self.client.request(request)).await,
-                        Ok(Ok(response)) if response.status().is_success()
-                    ),
-                    Err(_) => false,
-                }
-            }
-            Err(_) => false,
+    async fn probe(&self, backend: &Arc<Backend>, config: &HealthCheck) {
+        let url = match &backend.pod.health_url {
+            Some(url) => url.clone(),
+            None => format!("http://{}{}", backend.addr, config.path),
         };
-        tracing::debug!(backend = %backend.addr, passed, "health check");
+        let timeout = Duration::from_millis(config.timeout_ms);
+        let (passed, found) = self.get(&url, timeout).await;
+        tracing::debug!(backend = %backend.addr, passed, found, "health check");
         match backend
             .health
             .checked(passed, config.unhealthy_threshold, config.healthy_threshold)
         {
             Some(true) => {
                 backend.stats.ejected(Reason::ActiveCheck);
-                tracing::warn!(backend = %backend.addr, path = config.path, "backend ejected: its health check failed {} times in a row", config.unhealthy_threshold);
+                tracing::warn!(backend = %backend.addr, url, found, "backend ejected: its health check failed {} times in a row", config.unhealthy_threshold);
             }
             Some(false) => {
                 tracing::info!(backend = %backend.addr, "backend back in the rotation: its health check passed {} times in a row", config.healthy_threshold);
             }
             None => {}
         }
+        let healthy = !backend.health.check_failed();
+        if let Some(observer) = self.observer.get()
+            && passed == healthy
+        {
+            let _ = observer.send(Verdict {
+                backend: Arc::downgrade(backend),
+                healthy,
+                message: format!("GET {url}: {found}"),
+                at: jiff::Timestamp::now(),
+            });
+        }
     }
+
+    /// Whether `GET url` answers 2xx within `timeout`, and what it answered.
+    async fn get(&self, url: &str, timeout: Duration) -> (bool, String) {
+        let request = match url
+            .parse::<Uri>()
+            .map(|uri| Request::get(uri).body(Empty::new()))
+        {
+            Ok(Ok(request)) => request,
+            _ => return (false, "not a valid URL".into()),
+        };
+        match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => (
+                response.status().is_success(),
+                response.status().to_string(),
+            ),
+            Ok(Err(error)) => (false, describe(&error)),
+            Err(_) => (false, format!("no answer within {timeout:?}")),
+        }
+    }
+}
+
+/// The innermost cause of a failed probe (`Connection refused`, ...).
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
 }

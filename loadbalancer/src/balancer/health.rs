@@ -215,6 +215,11 @@ impl Health {
         Some(!failed)
     }
 
+    /// The active checks' verdict: whether they hold the backend out.
+    pub fn check_failed(&self) -> bool {
+        self.check_failed.load(Relaxed)
+    }
+
     fn reason(&self) -> Reason {
         match self.reason.load(Relaxed) {
             x if x == Reason::FiveXx as u8 => Reason::FiveXx,

@@ -54,12 +54,20 @@ pub use health::{Outcome, Reason, State};
 const CHANGES_KEPT: usize = 50;
 
 /// Which pod a backend address is, where discovery knows it (EndpointSlices
-/// name the pod, its node and zone; a static list knows nothing).
+/// name the pod, its node and zone; a static list knows nothing; a `Server`
+/// resource gives its name, weight and health URL).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Pod {
     pub name: Option<String>,
     pub node: Option<String>,
     pub zone: Option<String>,
+    /// Its own weight for `weighted_round_robin`, over the config's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// What active checks probe instead of the health path on its address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_url: Option<String>,
 }
 
 /// A whole set of backends, as discovery publishes it.

@@ -85,6 +85,7 @@ fn pod(endpoint: &Endpoint) -> Pod {
         name: super::pod_name(endpoint.target_ref.as_ref()),
         node: endpoint.node_name.clone(),
         zone: endpoint.zone.clone(),
+        ..Pod::default()
     }
 }
 
@@ -162,6 +163,7 @@ mod tests {
                 name: Some("backend-7d9f-x2k4q".into()),
                 node: Some("lb-demo-worker".into()),
                 zone: Some("zone-a".into()),
+                ..Pod::default()
             }
         );
     }

@@ -40,7 +40,7 @@ pub fn backends<'a>(
                 let pod = Pod {
                     name: super::pod_name(address.target_ref.as_ref()),
                     node: address.node_name.clone(),
-                    zone: None,
+                    ..Pod::default()
                 };
                 found.insert(SocketAddr::new(ip, port), pod);
             }

@@ -40,18 +40,20 @@ pub struct Watched {
 }
 
 /// Watches `api` and publishes `to_backends` of the current objects after
-/// every change. Runs until the process exits.
-pub async fn watch<K>(
+/// every change (a future: a source may need DNS to get there). Runs until
+/// the process exits.
+pub async fn watch<K, F>(
     api: Api<K>,
     config: watcher::Config,
     watched: Watched,
-    to_backends: impl Fn(&[Arc<K>]) -> BackendSet,
+    to_backends: impl Fn(Vec<Arc<K>>) -> F,
     balancer: Arc<Balancer>,
     readiness: Arc<Readiness>,
     status: Arc<Status>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
+    F: Future<Output = BackendSet>,
 {
     let (store, writer) = reflector::store();
     let events = watcher::watcher(api, config)
@@ -78,7 +80,7 @@ pub async fn watch<K>(
                 if last_error.take().is_some() {
                     tracing::info!(resource = watched.resource, "watch restored");
                 }
-                publish(&balancer, &to_backends(&store.state()));
+                publish(&balancer, &to_backends(store.state()).await);
                 readiness.mark_synced();
             }
             Err(error) => {

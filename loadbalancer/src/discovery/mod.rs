@@ -11,12 +11,18 @@
 //!   EndpointSlices of the backend Service ([`endpoint_slices`]).
 //! - `endpoints`: watch the Service's v1 Endpoints object ([`endpoints`]),
 //!   the older, deprecated API.
+//! - `pods`: watch the Pods matching a label selector ([`pods`]): no
+//!   Service needed, the readiness rule applied by us.
+//! - `servers`: watch `Server` custom resources ([`servers`]), check each
+//!   one and write its health to its status.
 //!
-//! Both Kubernetes sources share the watch loop in [`kubernetes`].
+//! The Kubernetes sources share the watch loop in [`kubernetes`].
 
 pub mod endpoint_slices;
 pub mod endpoints;
 pub mod kubernetes;
+pub mod pods;
+pub mod servers;
 
 use std::sync::{Arc, Mutex};
 
@@ -40,6 +46,8 @@ pub enum DiscoveryError {
          or use --backends for a fixed list"
     )]
     Client(#[source] kube::Error),
+    #[error("{0}; set `dnsServer` to an IP:port, or fix /etc/resolv.conf")]
+    Dns(String),
 }
 
 /// How discovery is doing, for `/backends` and the admin page.
@@ -50,7 +58,7 @@ pub struct Status(Mutex<StatusReport>);
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusReport {
-    /// `static`, `endpointslices` or `endpoints`.
+    /// `static`, `endpointslices`, `endpoints`, `pods` or `servers`.
     pub source: &'static str,
     /// `starting` (no full list yet), `synced`, or `retrying` after an error.
     pub state: &'static str,
@@ -116,16 +124,13 @@ pub async fn start(
     readiness: Arc<Readiness>,
     status: Arc<Status>,
 ) -> Result<(), DiscoveryError> {
-    let (api, service, port) = match source {
-        Source::Static(addrs) => {
-            status.start("static");
-            publish(&balancer, &static_set(addrs));
-            status.event();
-            readiness.mark_synced();
-            return Ok(());
-        }
-        Source::Kubernetes { api, service, port } => (*api, service.clone(), port.clone()),
-    };
+    if let Source::Static(addrs) = source {
+        status.start("static");
+        publish(&balancer, &static_set(addrs));
+        status.event();
+        readiness.mark_synced();
+        return Ok(());
+    }
 
     // A kubeconfig (KUBECONFIG or ~/.kube/config) if there is one, else the
     // in-cluster service account.
@@ -137,8 +142,47 @@ pub async fn start(
         .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
         .unwrap_or_else(|| client.default_namespace().to_owned());
 
-    match api {
-        WatchedApi::Endpoints => {
+    match source.clone() {
+        Source::Static(_) => {}
+        Source::Servers {
+            dns_server,
+            status_write_interval,
+        } => servers::start(
+            client,
+            &namespace,
+            dns_server,
+            status_write_interval,
+            balancer,
+            readiness,
+            status,
+        )?,
+        Source::Pods { selector, port } => {
+            let watched = Watched {
+                resource: "pods",
+                namespace: namespace.clone(),
+                selector: selector.clone(),
+            };
+            tracing::info!(namespace, selector, %port, "watching Pods");
+            status.start("pods");
+            let config = watcher::Config::default().labels(&selector);
+            let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client, &namespace);
+            tokio::spawn(kubernetes::watch(
+                api,
+                config,
+                watched,
+                move |objects| {
+                    std::future::ready(pods::backends(objects.iter().map(|o| o.as_ref()), &port))
+                },
+                balancer,
+                readiness,
+                status,
+            ));
+        }
+        Source::Kubernetes {
+            api: WatchedApi::Endpoints,
+            service,
+            port,
+        } => {
             let watched = Watched {
                 resource: "endpoints",
                 namespace: namespace.clone(),
@@ -154,13 +198,22 @@ pub async fn start(
                 api,
                 config,
                 watched,
-                move |objects| endpoints::backends(objects.iter().map(|o| o.as_ref()), &port),
+                move |objects| {
+                    std::future::ready(endpoints::backends(
+                        objects.iter().map(|o| o.as_ref()),
+                        &port,
+                    ))
+                },
                 balancer,
                 readiness,
                 status,
             ));
         }
-        WatchedApi::EndpointSlices => {
+        Source::Kubernetes {
+            api: WatchedApi::EndpointSlices,
+            service,
+            port,
+        } => {
             let watched = Watched {
                 resource: "endpointslices.discovery.k8s.io",
                 namespace: namespace.clone(),
@@ -174,7 +227,12 @@ pub async fn start(
                 api,
                 config,
                 watched,
-                move |slices| endpoint_slices::backends(slices.iter().map(|s| s.as_ref()), &port),
+                move |slices| {
+                    std::future::ready(endpoint_slices::backends(
+                        slices.iter().map(|s| s.as_ref()),
+                        &port,
+                    ))
+                },
                 balancer,
                 readiness,
                 status,

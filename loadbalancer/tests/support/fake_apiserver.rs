@@ -366,7 +366,14 @@ impl FakeApiServer {
     }
 }
 
-fn record(shared: &Shared, world: &mut World, kind: Kind, version: u64, event: &str, object: Value) {
+fn record(
+    shared: &Shared,
+    world: &mut World,
+    kind: Kind,
+    version: u64,
+    event: &str,
+    object: Value,
+) {
     let change = Change {
         kind,
         resource_version: version,
@@ -436,19 +443,35 @@ struct Params {
     field_selector: Option<String>,
 }
 
-async fn slices(state: State<Arc<Shared>>, namespace: Path<String>, params: Query<Params>) -> Response {
+async fn slices(
+    state: State<Arc<Shared>>,
+    namespace: Path<String>,
+    params: Query<Params>,
+) -> Response {
     answer(Kind::Slices, state, namespace, params)
 }
 
-async fn endpoints(state: State<Arc<Shared>>, namespace: Path<String>, params: Query<Params>) -> Response {
+async fn endpoints(
+    state: State<Arc<Shared>>,
+    namespace: Path<String>,
+    params: Query<Params>,
+) -> Response {
     answer(Kind::Endpoints, state, namespace, params)
 }
 
-async fn pods(state: State<Arc<Shared>>, namespace: Path<String>, params: Query<Params>) -> Response {
+async fn pods(
+    state: State<Arc<Shared>>,
+    namespace: Path<String>,
+    params: Query<Params>,
+) -> Response {
     answer(Kind::Pods, state, namespace, params)
 }
 
-async fn servers(state: State<Arc<Shared>>, namespace: Path<String>, params: Query<Params>) -> Response {
+async fn servers(
+    state: State<Arc<Shared>>,
+    namespace: Path<String>,
+    params: Query<Params>,
+) -> Response {
     answer(Kind::Servers, state, namespace, params)
 }
 
@@ -499,7 +522,14 @@ async fn server_status(
     merge(&mut object["status"], &patch["status"]);
     object["metadata"]["resourceVersion"] = version.to_string().into();
     let object = object.clone();
-    record(&shared, &mut world, Kind::Servers, version, "MODIFIED", object.clone());
+    record(
+        &shared,
+        &mut world,
+        Kind::Servers,
+        version,
+        "MODIFIED",
+        object.clone(),
+    );
     ([("content-type", "application/json")], object.to_string()).into_response()
 }
 
