@@ -34,6 +34,9 @@ pub struct Config {
     pub access_log: bool,
     /// Added to every `GET /`, to make one replica slow for a lesson.
     pub response_delay_ms: u64,
+    /// A TCP port that greets with the pod name and echoes lines, for the
+    /// load balancer's TCP mode; off when absent (0 picks a free one).
+    pub tcp_port: Option<u16>,
 }
 
 impl Default for Config {
@@ -46,6 +49,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             access_log: true,
             response_delay_ms: 0,
+            tcp_port: None,
         }
     }
 }

@@ -15,6 +15,7 @@
 //! - [`reload`]: a changed config file (`serviceName`, `logLevel`,
 //!   `accessLog`) applied while running.
 //! - [`server`]: serving a listener until shutdown, draining in-flight requests.
+//! - [`tcp`]: with `tcpPort`, a TCP listener that greets and echoes lines.
 //!
 //! `src/main.rs` only parses flags, loads the config and calls [`server::run`].
 
@@ -24,3 +25,4 @@ pub mod metrics;
 pub mod reload;
 pub mod routes;
 pub mod server;
+pub mod tcp;

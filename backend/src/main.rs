@@ -58,6 +58,20 @@ async fn main() -> ExitCode {
         }
     };
 
+    let tcp_listener = match config.tcp_port {
+        Some(port) => {
+            let addr = SocketAddr::new(cli.host, port);
+            match common::serve::bind(addr, common::serve::DEFAULT_BACKLOG) {
+                Ok(listener) => Some(listener),
+                Err(error) => {
+                    eprintln!("backend: cannot listen on {addr} (tcpPort): {error}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => None,
+    };
+
     let (identity, missing) = Identity::from_env(
         |name| std::env::var(name).ok(),
         &config.service_name,
@@ -73,6 +87,17 @@ async fn main() -> ExitCode {
     }
     tracing::info!(config = %cli.config.display(), ?identity, "starting");
 
+    if let Some(listener) = tcp_listener {
+        let addr = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        tracing::info!(tcp = addr, "listening");
+        tokio::spawn(backend::tcp::serve(
+            listener,
+            identity.pod_name.as_str().into(),
+        ));
+    }
     let state = AppState::new(identity);
     state.set_access_log(config.access_log);
     state.set_response_delay(std::time::Duration::from_millis(config.response_delay_ms));

@@ -2,7 +2,7 @@
 //!
 //! [`common::reload`] notices the change (a ConfigMap updated in place);
 //! [`Live::apply`] checks it as at startup and applies `serviceName`,
-//! `responseDelayMs`, `logLevel` and `accessLog` at once. `port`, `headerReadTimeoutMs` and
+//! `responseDelayMs`, `logLevel` and `accessLog` at once. `port`, `tcpPort`, `headerReadTimeoutMs` and
 //! `logFormat` need a restart and are reported as such.
 
 use std::path::PathBuf;
@@ -37,6 +37,7 @@ impl Live {
         let mut outcome = Outcome::default();
         for (field, changed) in [
             ("port", old.port != new.port),
+            ("tcpPort", old.tcp_port != new.tcp_port),
             (
                 "headerReadTimeoutMs",
                 old.header_read_timeout_ms != new.header_read_timeout_ms,
@@ -68,6 +69,7 @@ impl Live {
         // What needs a restart keeps its running value.
         self.config = Config {
             port: old.port,
+            tcp_port: old.tcp_port,
             header_read_timeout_ms: old.header_read_timeout_ms,
             log_format: old.log_format,
             ..new

@@ -181,7 +181,7 @@ impl Server {
 /// The next connection. A failed `accept` (usually out of file descriptors)
 /// is logged, throttled, and followed by a short pause, and the loop goes on:
 /// the connections already open keep being served meanwhile.
-async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
     static THROTTLE: Throttle = Throttle::new(Duration::from_secs(1));
     loop {
         match listener.accept().await {

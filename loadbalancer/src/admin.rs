@@ -63,6 +63,8 @@ pub struct AdminState {
     pub readiness: Arc<Readiness>,
     pub balancer: Arc<Balancer>,
     pub discovery: Arc<discovery::Status>,
+    /// TCP mode: `/metrics` adds the connection families.
+    pub tcp: bool,
 }
 
 /// The admin routes.
@@ -139,5 +141,8 @@ async fn backends(State(state): State<AdminState>) -> Json<Value> {
 }
 
 async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Response {
-    common::exposition::respond(&headers, metrics::encode(&state.balancer, &state.discovery))
+    common::exposition::respond(
+        &headers,
+        metrics::encode(&state.balancer, &state.discovery, state.tcp),
+    )
 }

@@ -30,6 +30,9 @@
 //! | `loadbalancer_discovery_last_event_timestamp_seconds` | | when the last list or watch event arrived |
 //! | `loadbalancer_config_reloads_total` | `result` | `applied` or `rejected` |
 //! | `loadbalancer_shared_counter_fallbacks_total` | | round-robin numbers taken locally because Redis failed (with `sharedCounter`) |
+//! | `loadbalancer_tcp_connections` | `backend` | TCP mode: connections open now |
+//! | `loadbalancer_tcp_opened_connections_total` | `backend` | TCP mode: connections made to the backend |
+//! | `loadbalancer_tcp_bytes_total` | `backend`, `direction` | TCP mode: bytes copied `to_backend` and `from_backend` |
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -78,6 +81,17 @@ pub struct BackendStats {
     latency_at_ms: AtomicU64,
     /// Only written when something fails, never on the happy path.
     last_error: Mutex<Option<String>>,
+    /// TCP mode's numbers.
+    pub tcp: TcpStats,
+}
+
+/// What TCP mode counts for one backend.
+#[derive(Debug, Default)]
+pub struct TcpStats {
+    pub open: AtomicI64,
+    pub opened: AtomicU64,
+    pub bytes_to_backend: AtomicU64,
+    pub bytes_from_backend: AtomicU64,
 }
 
 /// The numbers that belong to no one backend.
@@ -126,6 +140,7 @@ impl Default for BackendStats {
             latency_micros: AtomicU64::new(0),
             latency_at_ms: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            tcp: TcpStats::default(),
         }
     }
 }
@@ -316,10 +331,11 @@ pub fn state_label(state: State) -> &'static str {
 
 // === Encoding ===
 
-/// The whole exposition, in OpenMetrics text, for `GET /metrics`.
-pub fn encode(balancer: &Arc<Balancer>, discovery: &Arc<discovery::Status>) -> String {
+/// The whole exposition, in OpenMetrics text, for `GET /metrics`; the
+/// `loadbalancer_tcp_*` families only in TCP mode.
+pub fn encode(balancer: &Arc<Balancer>, discovery: &Arc<discovery::Status>, tcp: bool) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(Scrape(balancer.clone(), discovery.clone())));
+    registry.register_collector(Box::new(Scrape(balancer.clone(), discovery.clone(), tcp)));
     let mut text = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
@@ -328,7 +344,7 @@ pub fn encode(balancer: &Arc<Balancer>, discovery: &Arc<discovery::Status>) -> S
 
 /// Reads the current snapshot and discovery status at scrape time.
 #[derive(Debug)]
-struct Scrape(Arc<Balancer>, Arc<discovery::Status>);
+struct Scrape(Arc<Balancer>, Arc<discovery::Status>, bool);
 
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -491,6 +507,10 @@ impl Collector for Scrape {
             )?)?;
         }
 
+        if self.2 {
+            encode_tcp(&mut encoder, backends)?;
+        }
+
         let mut family = encoder.encode_descriptor(
             "loadbalancer_config_reloads",
             "Changed config files read while running, by whether they were applied.",
@@ -506,6 +526,50 @@ impl Collector for Scrape {
         }
         Ok(())
     }
+}
+
+/// TCP mode's families: open connections, connections made, bytes.
+fn encode_tcp(
+    encoder: &mut DescriptorEncoder,
+    backends: &[Arc<Backend>],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        "loadbalancer_tcp_connections",
+        "TCP connections open now, by backend.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for backend in backends {
+        ConstGauge::new(backend.stats.tcp.open.load(Relaxed))
+            .encode(family.encode_family(&[("backend", backend.label_str())])?)?;
+    }
+    let mut family = encoder.encode_descriptor(
+        "loadbalancer_tcp_opened_connections",
+        "TCP connections made to each backend.",
+        None,
+        MetricType::Counter,
+    )?;
+    for backend in backends {
+        ConstCounter::new(backend.stats.tcp.opened.load(Relaxed))
+            .encode(family.encode_family(&[("backend", backend.label_str())])?)?;
+    }
+    let mut family = encoder.encode_descriptor(
+        "loadbalancer_tcp_bytes",
+        "Bytes copied in TCP mode, by backend and direction.",
+        None,
+        MetricType::Counter,
+    )?;
+    for backend in backends {
+        let tcp = &backend.stats.tcp;
+        for (direction, bytes) in [
+            ("to_backend", &tcp.bytes_to_backend),
+            ("from_backend", &tcp.bytes_from_backend),
+        ] {
+            let labels = [("backend", backend.label_str()), ("direction", direction)];
+            ConstCounter::new(bytes.load(Relaxed)).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

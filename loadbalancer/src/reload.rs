@@ -6,7 +6,7 @@
 //!
 //! | changes live | needs a restart |
 //! |---|---|
-//! | `algorithm`, `weights`, `healthCheck`, `backends` (static discovery), `connectTimeoutMs`, `requestTimeoutMs`, `bodyIdleTimeoutMs`, `retries`, `cooldownMs`, `consecutive5xx`, `maxEjectionPercent`, `poolIdleTimeoutMs`, `drainDelayMs`, `shutdownTimeoutMs`, `logLevel`, `accessLog` | `port`, `adminPort`, `listenBacklog`, `headerReadTimeoutMs`, `logFormat`, `sharedCounter`, `discovery` and its Service |
+//! | `algorithm`, `weights`, `healthCheck`, `backends` (static discovery), `connectTimeoutMs`, `requestTimeoutMs`, `bodyIdleTimeoutMs`, `retries`, `cooldownMs`, `consecutive5xx`, `maxEjectionPercent`, `poolIdleTimeoutMs`, `drainDelayMs`, `shutdownTimeoutMs`, `drainTimeoutMs`, `tcpIdleTimeoutMs` (new connections), `logLevel`, `accessLog` | `port`, `adminPort`, `listenBacklog`, `headerReadTimeoutMs`, `logFormat`, `sharedCounter`, `mode`, `discovery` and its source settings |
 //!
 //! Requests already in flight finish with the settings they started with;
 //! the next request reads the new ones (one atomic load).
@@ -22,6 +22,7 @@ use crate::balancer::Balancer;
 use crate::config::{Cli, Settings, Source};
 use crate::discovery;
 use crate::proxy::Proxy;
+use crate::tcp::TcpProxy;
 
 /// The running load balancer, as far as a config change can reach it.
 #[derive(Debug)]
@@ -30,6 +31,8 @@ pub struct Live {
     pub settings: ArcSwap<Settings>,
     pub cli: Cli,
     pub proxy: Arc<Proxy>,
+    /// In TCP mode.
+    pub tcp: Option<Arc<TcpProxy>>,
     pub balancer: Arc<Balancer>,
     pub logging: Logging,
 }
@@ -66,6 +69,7 @@ impl Live {
             ),
             ("logFormat", old.log_format != new.log_format),
             ("sharedCounter", old.shared_counter != new.shared_counter),
+            ("mode", old.mode != new.mode),
             (
                 "discovery",
                 static_lists.is_none() && old.source != new.source,
@@ -107,6 +111,11 @@ impl Live {
                 "shutdownTimeoutMs",
                 old.shutdown_timeout != new.shutdown_timeout,
             ),
+            ("drainTimeoutMs", old.drain_timeout != new.drain_timeout),
+            (
+                "tcpIdleTimeoutMs",
+                old.tcp_idle_timeout != new.tcp_idle_timeout,
+            ),
             ("logLevel", old.log_level != new.log_level),
             ("accessLog", old.access_log != new.access_log),
         ];
@@ -121,6 +130,7 @@ impl Live {
             header_read_timeout: old.header_read_timeout,
             log_format: old.log_format,
             shared_counter: old.shared_counter.clone(),
+            mode: old.mode,
             source: match static_lists {
                 Some(_) => new.source.clone(),
                 None => old.source.clone(),
@@ -142,6 +152,9 @@ impl Live {
                 .configure(settings.health_check.clone());
         }
         self.proxy.configure(&settings);
+        if let Some(tcp) = &self.tcp {
+            tcp.configure(&settings);
+        }
         self.balancer.set_outlier_policy(settings.outlier_policy());
         if outcome.applied.contains(&"logLevel") {
             // Checked when parsed, so this cannot fail.

@@ -28,10 +28,11 @@ use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminState, Readiness};
 use crate::balancer::Balancer;
-use crate::config::{Cli, Settings};
+use crate::config::{Cli, Mode, Settings};
 use crate::discovery::{self, DiscoveryError};
 use crate::proxy::Proxy;
 use crate::reload::Live;
+use crate::tcp::TcpProxy;
 
 /// The two listening sockets, bound before anything else starts so that a
 /// port in use is reported at once.
@@ -101,10 +102,13 @@ pub async fn run(
     )
     .await?;
     let proxy = Arc::new(Proxy::new(balancer.clone(), &settings));
+    let tcp =
+        (settings.mode == Mode::Tcp).then(|| Arc::new(TcpProxy::new(balancer.clone(), &settings)));
     let live = Arc::new(Live {
         settings: ArcSwap::from_pointee(settings.clone()),
         cli,
         proxy: proxy.clone(),
+        tcp: tcp.clone(),
         balancer: balancer.clone(),
         logging,
     });
@@ -130,6 +134,7 @@ pub async fn run(
         readiness: readiness.clone(),
         balancer,
         discovery: status,
+        tcp: tcp.is_some(),
     });
     let admin_server = Server::new(settings.header_read_timeout);
     // The admin listener lives until the process exits, so /readyz keeps
@@ -142,9 +147,14 @@ pub async fn run(
     tracing::info!(
         proxy = proxy_addr,
         admin = admin_addr,
+        mode = ?settings.mode,
         backlog = settings.listen_backlog,
         "listening"
     );
+    if let Some(tcp) = tcp {
+        serve_tcp(tcp, listeners.proxy, &readiness, &live, shutdown).await;
+        return Ok(());
+    }
 
     let server = Server::new(settings.header_read_timeout);
     let service_for = |peer: SocketAddr| {
@@ -180,4 +190,31 @@ pub async fn run(
         tracing::warn!(timeout = ?settings.shutdown_timeout, "in-flight requests still running at the shutdown timeout; exiting anyway");
     }
     Ok(())
+}
+
+/// TCP mode's serving and shutdown: the same steps, with connections in
+/// place of requests.
+async fn serve_tcp(
+    tcp: Arc<TcpProxy>,
+    listener: TcpListener,
+    readiness: &Readiness,
+    live: &Live,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    tcp.serve_until(&listener, shutdown).await;
+    readiness.mark_shutting_down();
+    let settings = live.settings.load_full();
+    tracing::info!(drain_delay = ?settings.drain_delay, "readiness now failing; still accepting during the drain delay");
+    tcp.serve_until(&listener, tokio::time::sleep(settings.drain_delay))
+        .await;
+    drop(listener);
+    tracing::info!(
+        connections = tcp.connections(),
+        "stopped accepting; waiting for open connections to finish"
+    );
+    if tcp.finish(settings.shutdown_timeout).await {
+        tracing::info!("all connections closed, exiting");
+    } else {
+        tracing::warn!(timeout = ?settings.shutdown_timeout, connections = tcp.connections(), "connections still open at the shutdown timeout; closing them");
+    }
 }

@@ -266,6 +266,7 @@ async fn ports_and_probes_match_what_the_binaries_serve() {
         readiness,
         balancer,
         discovery: Default::default(),
+        tcp: false,
     });
     for probe in [&lb.liveness_probe, &lb.readiness_probe] {
         let http = probe.as_ref().unwrap().http_get.as_ref().unwrap();

@@ -86,6 +86,8 @@ pub struct Backend {
     pub health: Health,
     /// Set when it leaves the set: its health checks stop.
     pub left: AtomicBool,
+    /// Woken when it leaves the set: TCP connections to it start draining.
+    departure: tokio::sync::Notify,
 }
 
 /// The immutable set of backends requests are spread over.
@@ -174,6 +176,22 @@ impl Backend {
             stats: BackendStats::default(),
             health: Health::default(),
             left: AtomicBool::new(false),
+            departure: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Completes once the backend has left the set (at once if it has).
+    pub async fn departed(&self) {
+        loop {
+            let notified = self.departure.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the flag is read, so a departure in
+            // between is not missed.
+            notified.as_mut().enable();
+            if self.left.load(Relaxed) {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -328,6 +346,7 @@ impl Balancer {
         }
         for gone in old.backends.iter().filter(is_gone) {
             gone.left.store(true, Relaxed);
+            gone.departure.notify_waiters();
         }
         let policy = self.policy.lock().map(|p| p.clone()).unwrap_or_default();
         let snapshot = Snapshot::new(

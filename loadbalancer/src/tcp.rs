@@ -1,0 +1,304 @@
+//! TCP mode (`"mode": "tcp"`): L4 pass-through for long-lived connections.
+//!
+//! A database client, a message queue consumer or a game holds one TCP
+//! connection for hours; there are no requests in it to balance. So here a
+//! backend is picked per *connection* (by default the one with the fewest
+//! open connections), and bytes are copied both ways until both sides are
+//! done. Discovery, health checks, ejection and metrics are the same as in
+//! HTTP mode.
+//!
+//! - **Half-close.** When one side shuts down its write half (EOF), the
+//!   other side's write half is shut down too, and the other direction goes
+//!   on: a client that sends its query and then `shutdown(SHUT_WR)` still
+//!   receives the whole answer.
+//! - **Idle timeout.** A connection that moves no byte either way for
+//!   `tcpIdleTimeoutMs` is closed.
+//! - **Draining.** When its backend leaves the set, a connection goes on
+//!   for up to `drainTimeoutMs`, then is closed; new connections go to the
+//!   backends that remain.
+//! - **Shutdown.** On SIGTERM the listener stops accepting (after the drain
+//!   delay, as in HTTP mode), and open connections get up to
+//!   `shutdownTimeoutMs` to finish.
+//! - **Memory.** A buffer is held only while bytes are flowing, so a
+//!   thousand idle connections cost little more than their sockets.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+use crate::balancer::{Backend, Balancer, Outcome};
+use crate::config::Settings;
+use crate::metrics::InFlight;
+
+/// The most read from one side before it is written to the other.
+const BUFFER: usize = 64 * 1024;
+
+/// What TCP mode reads from the config; changes apply to new connections.
+#[derive(Debug, Clone)]
+struct TcpSettings {
+    connect_timeout: Duration,
+    retries: u32,
+    drain_timeout: Duration,
+    idle_timeout: Duration,
+    access_log: bool,
+}
+
+/// Accepts connections and relays each one to a backend.
+#[derive(Debug)]
+pub struct TcpProxy {
+    balancer: Arc<Balancer>,
+    settings: ArcSwap<TcpSettings>,
+    open: AtomicUsize,
+    all_closed: Notify,
+}
+
+/// Why a relayed connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Both sides finished sending.
+    Done,
+    /// A side reset the connection or a write failed.
+    Broken,
+    Idle,
+    /// Its backend left the set and the drain timeout passed.
+    Drained,
+}
+
+impl TcpProxy {
+    pub fn new(balancer: Arc<Balancer>, settings: &Settings) -> TcpProxy {
+        TcpProxy {
+            balancer,
+            settings: ArcSwap::from_pointee(TcpSettings::from(settings)),
+            open: AtomicUsize::new(0),
+            all_closed: Notify::new(),
+        }
+    }
+
+    /// Uses `settings` for connections accepted from now on.
+    pub fn configure(&self, settings: &Settings) {
+        self.settings.store(Arc::new(TcpSettings::from(settings)));
+    }
+
+    /// Accepts connections on `listener` until `stop` completes.
+    pub async fn serve_until(
+        self: &Arc<Self>,
+        listener: &TcpListener,
+        stop: impl Future<Output = ()>,
+    ) {
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            let (client, peer) = tokio::select! {
+                accepted = common::serve::accept(listener) => accepted,
+                () = &mut stop => return,
+            };
+            let proxy = self.clone();
+            proxy.open.fetch_add(1, Relaxed);
+            tokio::spawn(async move {
+                proxy.handle(client, peer).await;
+                if proxy.open.fetch_sub(1, Relaxed) == 1 {
+                    proxy.all_closed.notify_waiters();
+                }
+            });
+        }
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.open.load(Relaxed)
+    }
+
+    /// Waits until every connection has closed, or `timeout`; whether they did.
+    pub async fn finish(&self, timeout: Duration) -> bool {
+        let all_closed = async {
+            loop {
+                let notified = self.all_closed.notified();
+                let mut notified = std::pin::pin!(notified);
+                notified.as_mut().enable();
+                if self.open.load(Relaxed) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, all_closed).await.is_ok()
+    }
+
+    /// One client connection: a backend, then bytes both ways.
+    async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
+        let settings = self.settings.load_full();
+        let Some((backend, mut upstream)) = self.connect(&settings).await else {
+            tracing::warn!(client = %peer, "no backend could take the TCP connection; closing it");
+            return;
+        };
+        let _in_flight = InFlight::start(backend.clone());
+        let tcp = &backend.stats.tcp;
+        tcp.opened.fetch_add(1, Relaxed);
+        tcp.open.fetch_add(1, Relaxed);
+        let started = Instant::now();
+        let end = relay(&mut client, &mut upstream, &backend, &settings).await;
+        tcp.open.fetch_sub(1, Relaxed);
+        if settings.access_log {
+            tracing::info!(
+                client = %peer,
+                backend = %backend.addr,
+                end = ?end,
+                duration = ?started.elapsed(),
+                "tcp connection closed"
+            );
+        }
+    }
+
+    /// A connection to a backend: the algorithm's pick, and on a failed
+    /// connect another backend (nothing was sent yet), up to `retries` more.
+    async fn connect(&self, settings: &TcpSettings) -> Option<(Arc<Backend>, TcpStream)> {
+        let mut tried = Vec::new();
+        for attempt in 0..=settings.retries {
+            let backend = if attempt == 0 {
+                self.balancer.pick_first().await
+            } else {
+                self.balancer.pick(&tried)
+            }?;
+            let connect = TcpStream::connect(backend.addr);
+            let error = match tokio::time::timeout(settings.connect_timeout, connect).await {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    self.balancer.record(&backend, Outcome::Success);
+                    return Some((backend, stream));
+                }
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => format!("no connection within {:?}", settings.connect_timeout),
+            };
+            tracing::warn!(backend = %backend.addr, error, "cannot connect to backend; trying another");
+            self.balancer.record(&backend, Outcome::ConnectFailure);
+            tried.push(backend.addr);
+        }
+        None
+    }
+}
+
+impl From<&Settings> for TcpSettings {
+    fn from(settings: &Settings) -> Self {
+        TcpSettings {
+            connect_timeout: settings.connect_timeout,
+            retries: settings.retries,
+            drain_timeout: settings.drain_timeout,
+            idle_timeout: settings.tcp_idle_timeout,
+            access_log: settings.access_log,
+        }
+    }
+}
+
+/// Copies bytes both ways until both sides are done, or the connection
+/// idles, breaks, or outlives its departed backend's drain timeout.
+async fn relay(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    backend: &Backend,
+    settings: &TcpSettings,
+) -> End {
+    let activity = Activity::new();
+    let (client_read, client_write) = client.split();
+    let (upstream_read, upstream_write) = upstream.split();
+    let tcp = &backend.stats.tcp;
+    let up = pump(
+        client_read,
+        upstream_write,
+        &tcp.bytes_to_backend,
+        &activity,
+    );
+    let down = pump(
+        upstream_read,
+        client_write,
+        &tcp.bytes_from_backend,
+        &activity,
+    );
+    let both = async {
+        match tokio::try_join!(up, down) {
+            Ok(_) => End::Done,
+            Err(_) => End::Broken,
+        }
+    };
+    let drained = async {
+        backend.departed().await;
+        tokio::time::sleep(settings.drain_timeout).await;
+    };
+    tokio::select! {
+        end = both => end,
+        () = activity.idle_for(settings.idle_timeout) => End::Idle,
+        () = drained => End::Drained,
+    }
+}
+
+/// Copies from `from` to `to` until EOF, then shuts down `to`'s write side
+/// (passing the half-close on). The buffer exists only while data flows.
+async fn pump(
+    from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
+    counter: &AtomicU64,
+    activity: &Activity,
+) -> io::Result<()> {
+    loop {
+        from.readable().await?;
+        let mut buffer = Vec::with_capacity(BUFFER);
+        loop {
+            buffer.clear();
+            match from.try_read_buf(&mut buffer) {
+                Ok(0) => {
+                    to.shutdown().await?;
+                    return Ok(());
+                }
+                Ok(n) => {
+                    to.write_all(&buffer).await?;
+                    counter.fetch_add(n as u64, Relaxed);
+                    activity.touch();
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}
+
+/// When bytes last moved on a connection, in ms since it opened.
+#[derive(Debug)]
+struct Activity {
+    opened: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            opened: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    fn touch(&self) {
+        self.last_ms.store(self.now_ms(), Relaxed);
+    }
+
+    /// Completes once nothing has moved for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        let limit_ms = limit.as_millis() as u64;
+        loop {
+            let quiet = self.now_ms().saturating_sub(self.last_ms.load(Relaxed));
+            if quiet >= limit_ms {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(limit_ms - quiet)).await;
+        }
+    }
+}
