@@ -588,7 +588,7 @@ mod tests {
         for ms in [0, 3, 3, 40, 20_000] {
             backend.stats.answered(200, Duration::from_millis(ms));
         }
-        let text = encode(&balancer, &Arc::default());
+        let text = encode(&balancer, &Arc::default(), false);
         let bucket = |le: &str| {
             let prefix = format!(
                 "loadbalancer_request_duration_seconds_bucket{{le=\"{le}\",backend=\"10.0.0.1:80\"}} "
