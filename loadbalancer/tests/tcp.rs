@@ -1,6 +1,8 @@
 //! TCP mode: a backend per connection, bytes both ways, half-close,
 //! draining, and no leak, against real processes on loopback.
 
+#![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
+
 mod support;
 
 use std::collections::BTreeMap;
