@@ -7,6 +7,10 @@
 //! routes only to those whose checks pass. Whenever a Server's verdict
 //! changes, it is written to the Server's status ([`status`]), so
 //! `kubectl get servers -w` shows HEALTHY flip.
+//!
+//! Names are resolved again every 30 s (every second while one fails), so
+//! a DNS change or a name that appears later is picked up without any
+//! change to the Servers.
 
 pub mod dns;
 pub mod resource;
@@ -49,15 +53,20 @@ pub fn start(
     };
     tracing::info!(namespace, dns = ?dns_server, "watching Servers");
     status.start("servers");
-    let checker = balancer.checker.clone();
+    let resolver = Arc::new(Resolver {
+        dns,
+        checker: balancer.checker.clone(),
+        latest: tokio::sync::Mutex::new(None),
+    });
+    tokio::spawn(resolver.clone().refresh(balancer.clone()));
     tokio::spawn(kubernetes::watch(
         api,
         watcher::Config::default(),
         watched,
         move |servers: Vec<Arc<Server>>| {
             writer.observed(&servers);
-            let (dns, path) = (dns.clone(), checker.path());
-            async move { backends(&dns, &servers, &path).await }
+            let resolver = resolver.clone();
+            async move { resolver.backends(servers).await }
         },
         balancer,
         readiness,
@@ -66,10 +75,49 @@ pub fn start(
     Ok(())
 }
 
-/// The address of each Server, with its name, weight and health URL. A
-/// Server whose URL does not resolve is left out, and says why in the log.
-async fn backends(dns: &Dns, servers: &[Arc<Server>], check_path: &str) -> BackendSet {
+/// Turns the latest Servers into backends, from the watch and on a timer.
+#[derive(Debug)]
+struct Resolver {
+    dns: Dns,
+    checker: Arc<crate::balancer::checker::Checker>,
+    /// The Servers last seen, and whether each one resolved. The lock also
+    /// keeps the watch and the timer from publishing out of order.
+    latest: tokio::sync::Mutex<Option<(Vec<Arc<Server>>, bool)>>,
+}
+
+impl Resolver {
+    /// The backends for `servers`, which become the latest.
+    async fn backends(&self, servers: Vec<Arc<Server>>) -> BackendSet {
+        let mut latest = self.latest.lock().await;
+        let (set, all_resolved) = backends(&self.dns, &servers, &self.checker.path()).await;
+        *latest = Some((servers, all_resolved));
+        set
+    }
+
+    /// Resolves the latest Servers again and publishes the result: every
+    /// 30 s, or every second while a name does not resolve.
+    async fn refresh(self: Arc<Self>, balancer: Arc<Balancer>) {
+        loop {
+            let failing = matches!(*self.latest.lock().await, Some((_, false)));
+            let pause = if failing { 1 } else { 30 };
+            tokio::time::sleep(Duration::from_secs(pause)).await;
+            let mut latest = self.latest.lock().await;
+            let Some((servers, _)) = latest.take() else {
+                continue;
+            };
+            let (set, all_resolved) = backends(&self.dns, &servers, &self.checker.path()).await;
+            super::publish(&balancer, &set);
+            *latest = Some((servers, all_resolved));
+        }
+    }
+}
+
+/// The address of each Server, with its name, weight and health URL, and
+/// whether every one resolved. A Server whose URL does not resolve is left
+/// out, and says why in the log.
+async fn backends(dns: &Dns, servers: &[Arc<Server>], check_path: &str) -> (BackendSet, bool) {
     let mut set = BackendSet::new();
+    let mut all_resolved = true;
     for server in servers {
         let name = server.metadata.name.clone().unwrap_or_default();
         match resolve(dns, &server.spec, check_path).await {
@@ -84,10 +132,11 @@ async fn backends(dns: &Dns, servers: &[Arc<Server>], check_path: &str) -> Backe
             }
             Err(reason) => {
                 tracing::warn!(server = name, "Server left out: {reason}");
+                all_resolved = false;
             }
         }
     }
-    set
+    (set, all_resolved)
 }
 
 /// The Server's address, and the URL its checks probe.
