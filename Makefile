@@ -19,7 +19,7 @@ need = @command -v $(1) >/dev/null 2>&1 || { echo "make: '$(1)' is not installed
 
 .PHONY: help demo test build run-backend run-loadbalancer distribution bench \
         up cluster images load deploy curl port-forward dashboard scale slow-pod shared-counter \
-        logs down
+        servers pods crd logs down
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -80,6 +80,7 @@ deploy: ## Apply k8s/ (kustomize) and wait for both rollouts
 	kubectl apply -k k8s/
 	$(KUBECTL) rollout status deployment/backend --timeout=180s
 	$(KUBECTL) rollout status deployment/loadbalancer --timeout=180s
+	$(KUBECTL) rollout status deployment/loadbalancer-tcp --timeout=180s
 
 curl: ## One request through the load balancer on kind, with headers
 	$(call need,curl)
@@ -109,6 +110,24 @@ shared-counter: ## Two load balancer replicas sharing one round-robin counter in
 	kubectl apply -k k8s/overlays/shared-counter
 	$(KUBECTL) rollout status deployment/redis --timeout=180s
 	$(KUBECTL) rollout status deployment/loadbalancer --timeout=180s
+
+servers: ## Backends as Server custom resources, health written to their status (kubectl get servers -w)
+	$(call need,kubectl)
+	kubectl apply -f k8s/crd/servers.yaml
+	kubectl wait --for condition=established --timeout=60s crd/servers.lb.example.com
+	kubectl apply -k k8s/overlays/servers
+	$(KUBECTL) rollout status statefulset/server --timeout=180s
+	$(KUBECTL) rollout restart deployment/loadbalancer
+	$(KUBECTL) rollout status deployment/loadbalancer --timeout=180s
+
+pods: ## The load balancer finds the backend pods by label selector instead of EndpointSlices
+	$(call need,kubectl)
+	kubectl apply -k k8s/overlays/pods
+	$(KUBECTL) rollout restart deployment/loadbalancer
+	$(KUBECTL) rollout status deployment/loadbalancer --timeout=180s
+
+crd: ## Regenerate k8s/crd/servers.yaml from the Rust type (a test fails while they differ)
+	UPDATE_CRD=1 cargo test -p loadbalancer --test manifests the_server_crd
 
 logs: ## Follow the load balancer's logs
 	$(call need,kubectl)

@@ -673,3 +673,288 @@ fn the_slow_pod_overlay_adds_one_slow_backend_the_service_selects() {
         m.backend.spec.selector.match_labels
     );
 }
+
+// === The other discovery sources and TCP mode ===
+
+/// The settings a ConfigMap file's config.json gives the load balancer.
+fn settings_of(path: &str, config: &ConfigMap) -> Settings {
+    let cli = <Cli as clap::Parser>::parse_from(["loadbalancer"]);
+    Settings::parse(PathBuf::from(path), config_json(config).to_owned(), &cli)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// (group, resource) -> verbs, from a Role.
+fn grants(role: &Role) -> BTreeMap<(String, String), Vec<String>> {
+    role.rules
+        .iter()
+        .flatten()
+        .flat_map(|rule| {
+            let groups = rule.api_groups.clone().unwrap_or_default();
+            let resources = rule.resources.clone().unwrap_or_default();
+            groups.into_iter().flat_map(move |group| {
+                let verbs = rule.verbs.clone();
+                resources
+                    .clone()
+                    .into_iter()
+                    .map(move |resource| ((group.clone(), resource), verbs.clone()))
+            })
+        })
+        .collect()
+}
+
+fn grant(group: &str, resource: &str, verbs: &[&str]) -> ((String, String), Vec<String>) {
+    (
+        (group.to_owned(), resource.to_owned()),
+        verbs.iter().map(|v| v.to_string()).collect(),
+    )
+}
+
+/// A RoleBinding gives `role` to the load balancer's service account.
+fn binds_to_the_load_balancer(binding: &RoleBinding, role: &Role) {
+    assert_eq!(binding.role_ref.kind, "Role");
+    assert_eq!(Some(&binding.role_ref.name), role.metadata.name.as_ref());
+    let subject = &binding.subjects.as_ref().unwrap()[0];
+    assert_eq!(subject.kind, "ServiceAccount");
+    assert_eq!(
+        Some(&subject.name),
+        manifests().account.metadata.name.as_ref()
+    );
+}
+
+#[test]
+fn the_server_crd_is_generated_from_the_rust_type() {
+    use kube::CustomResourceExt;
+    use loadbalancer::discovery::servers::Server;
+    let path = "k8s/crd/servers.yaml";
+    let generated = Server::crd();
+    if std::env::var_os("UPDATE_CRD").is_some() {
+        let header = "# Generated from loadbalancer/src/discovery/servers/resource.rs by `make crd`;\n\
+                      # a test fails while the two differ. Do not edit by hand.\n";
+        let yaml = serde_saphyr::to_string(&generated).unwrap();
+        std::fs::write(root().join(path), format!("{header}{yaml}")).unwrap();
+    }
+    let crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition =
+        typed(path, &read(path));
+    assert_eq!(
+        serde_json::to_value(&crd).unwrap(),
+        serde_json::to_value(&generated).unwrap(),
+        "{path} differs from the Rust type: run `make crd`"
+    );
+    assert_eq!(crd.spec.scope, "Namespaced");
+    let version = &crd.spec.versions[0];
+    assert_eq!(version.name, "v1alpha1");
+    assert!(version.subresources.as_ref().unwrap().status.is_some());
+    let columns: Vec<&str> = version
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(columns, ["URL", "Healthy", "Last Check", "Age"]);
+}
+
+#[test]
+fn the_servers_overlay_declares_servers_the_load_balancer_can_reach_and_may_update() {
+    use loadbalancer::discovery::servers::Server;
+    let dir = "k8s/overlays/servers";
+    let files = kustomization_files(dir);
+    assert_eq!(files.len(), 5, "{files:?}");
+
+    let config: ConfigMap = one(&format!("{dir}/loadbalancer-configmap.yaml"));
+    let settings = settings_of(dir, &config);
+    assert!(matches!(settings.source, Source::Servers { .. }));
+    let check = settings.health_check.expect("Servers are checked");
+
+    // Least privilege: read Servers, patch their status, nothing else.
+    let role: Role = one(&format!("{dir}/rbac.yaml"));
+    assert_eq!(
+        grants(&role),
+        BTreeMap::from([
+            grant("lb.example.com", "servers", &["get", "list", "watch"]),
+            grant("lb.example.com", "servers/status", &["patch"]),
+        ])
+    );
+    binds_to_the_load_balancer(&one(&format!("{dir}/rbac.yaml")), &role);
+
+    // Each pod of the StatefulSet has a DNS name through the headless
+    // Service, published even while not ready (the checks decide).
+    let statefulset: k8s_openapi::api::apps::v1::StatefulSet =
+        one(&format!("{dir}/statefulset.yaml"));
+    let headless: Service = one(&format!("{dir}/statefulset.yaml"));
+    let spec = &statefulset.spec;
+    let headless_spec = headless.spec.as_ref().unwrap();
+    assert_eq!(spec.service_name, headless.metadata.name);
+    assert_eq!(headless_spec.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(headless_spec.publish_not_ready_addresses, Some(true));
+    assert_eq!(headless_spec.selector, spec.selector.match_labels);
+    let pod_spec = spec.template.spec.as_ref().unwrap();
+    let pod_port = port_named(&pod_spec.containers[0], "http");
+    let probe = pod_spec.containers[0].readiness_probe.as_ref().unwrap();
+    assert_eq!(
+        probe.http_get.as_ref().unwrap().path.as_deref(),
+        Some(check.path.as_str())
+    );
+
+    let set_name = statefulset.metadata.name.clone().unwrap();
+    let service_name = headless.metadata.name.clone().unwrap();
+    let mut per_pod = 0;
+    for doc in documents(&format!("{dir}/servers.yaml")) {
+        let server: Server = typed(&format!("{dir}/servers.yaml"), &doc);
+        let url: hyper::Uri = server.spec.url.parse().unwrap();
+        let host = url.host().unwrap();
+        if let Some(ordinal) = host.strip_prefix(&format!("{set_name}-")).and_then(|rest| {
+            rest.strip_suffix(&format!(".{service_name}.lb-demo.svc.cluster.local"))
+        }) {
+            assert!(ordinal.parse::<i32>().unwrap() < spec.replicas.unwrap());
+            assert_eq!(url.port_u16(), Some(pod_port), "{url}");
+            per_pod += 1;
+        } else {
+            // The whole backend Service: DNS SRV gives the port named http.
+            let m = manifests();
+            assert_eq!(
+                host,
+                format!(
+                    "{}.lb-demo.svc.cluster.local",
+                    m.backend_service.metadata.name.unwrap()
+                )
+            );
+            assert_eq!(url.port_u16(), None, "the port comes from DNS SRV");
+            let ports = m.backend_service.spec.unwrap().ports.unwrap();
+            assert!(ports.iter().any(|p| p.name.as_deref() == Some("http")));
+        }
+    }
+    assert_eq!(per_pod, spec.replicas.unwrap());
+}
+
+#[test]
+fn the_pods_overlay_selects_the_backend_pods_by_label_on_their_named_port() {
+    let dir = "k8s/overlays/pods";
+    assert_eq!(kustomization_files(dir).len(), 2);
+    let config: ConfigMap = one(&format!("{dir}/loadbalancer-configmap.yaml"));
+    let Source::Pods { selector, port } = settings_of(dir, &config).source else {
+        panic!("{dir}: the config must use pods discovery");
+    };
+    let m = manifests();
+    let labels = m
+        .backend
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    for term in selector.split(',') {
+        let (key, value) = term.split_once('=').unwrap();
+        assert_eq!(labels.get(key).map(String::as_str), Some(value), "{term}");
+    }
+    let BackendPort::Name(name) = port else {
+        panic!("by container port name");
+    };
+    port_named(container(&m.backend), &name);
+
+    let role: Role = one(&format!("{dir}/rbac.yaml"));
+    assert_eq!(
+        grants(&role),
+        BTreeMap::from([grant("", "pods", &["list", "watch"])])
+    );
+    binds_to_the_load_balancer(&one(&format!("{dir}/rbac.yaml")), &role);
+}
+
+#[test]
+fn the_tcp_load_balancer_reaches_the_backends_tcp_port_and_kind_publishes_9090() {
+    let path = "k8s/loadbalancer-tcp.yaml";
+    let config: ConfigMap = one(path);
+    let deployment: Deployment = one(path);
+    let service: Service = one(path);
+    let settings = settings_of(path, &config);
+    assert_eq!(settings.mode, loadbalancer::config::Mode::Tcp);
+    assert_eq!(
+        settings.algorithm,
+        loadbalancer::balancer::Algorithm::LeastConnections,
+        "the default in TCP mode"
+    );
+
+    // Discovery: the backend Service's port named tcp, which is the
+    // backend's own tcpPort.
+    let m = manifests();
+    let Source::Kubernetes {
+        service: watched,
+        port: BackendPort::Name(port_name),
+        ..
+    } = settings.source
+    else {
+        panic!("{path}: watch the backend Service by port name");
+    };
+    assert_eq!(Some(watched), m.backend_service.metadata.name);
+    let backend_port = m
+        .backend_service
+        .spec
+        .as_ref()
+        .unwrap()
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|p| p.name.as_deref() == Some(port_name.as_str()))
+        .unwrap_or_else(|| panic!("the backend Service has a port named {port_name}"))
+        .clone();
+    assert_eq!(
+        backend_port.target_port,
+        Some(IntOrString::String("tcp".into()))
+    );
+    assert_eq!(
+        Some(port_named(container(&m.backend), "tcp")),
+        backend_config(&m).tcp_port,
+        "the backend listens where its container port says"
+    );
+
+    // Its own pods, its own Service, the HTTP one does not select them.
+    let labels = deployment
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    let selector = service.spec.as_ref().unwrap().selector.clone().unwrap();
+    assert!(selector.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    let http_selector = m
+        .lb_service
+        .spec
+        .as_ref()
+        .unwrap()
+        .selector
+        .clone()
+        .unwrap();
+    assert!(!http_selector.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    let tcp = container(&deployment);
+    assert_eq!(port_named(tcp, "tcp"), settings.listen.port());
+    assert_eq!(port_named(tcp, "admin"), settings.admin_listen.port());
+    assert_eq!(
+        pod(&deployment).service_account_name,
+        pod(&m.lb).service_account_name
+    );
+    assert_eq!(tcp.security_context, container(&m.lb).security_context);
+    let volume = &pod(&deployment).volumes.as_ref().unwrap()[0];
+    assert_eq!(
+        volume.config_map.as_ref().unwrap().name,
+        config.metadata.name.unwrap()
+    );
+
+    // NodePort 30090, published by kind as localhost:9090.
+    let node_port = service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0]
+        .node_port
+        .unwrap();
+    let kind: Value = serde_saphyr::from_str(&read("kind-config.yaml")).unwrap();
+    let mappings = kind["nodes"][0]["extraPortMappings"].as_array().unwrap();
+    assert!(
+        mappings
+            .iter()
+            .any(|m| m["containerPort"] == node_port && m["hostPort"] == 9090),
+        "{mappings:?}"
+    );
+}
