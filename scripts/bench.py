@@ -43,9 +43,11 @@ def say(message):
     print(message, flush=True)
 
 
-def ensure_tools():
-    missing = [pkg for tool, pkg in [("wrk", "wrk"), ("nginx", "nginx-light"), ("taskset", "util-linux")]
-               if not shutil.which(tool)]
+def ensure_tools(extra=()):
+    """Installs what is missing; `extra` adds (file or tool, package) pairs."""
+    wanted = [("wrk", "wrk"), ("nginx", "nginx-light"), ("taskset", "util-linux"), *extra]
+    missing = [pkg for tool, pkg in wanted
+               if not (Path(tool).exists() if tool.startswith("/") else shutil.which(tool))]
     if not missing:
         return
     if os.geteuid() != 0:

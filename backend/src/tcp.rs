@@ -2,7 +2,8 @@
 //!
 //! Through the load balancer's TCP mode, `nc localhost 9090` holds one
 //! connection to one pod for as long as it stays open, whatever arrives on
-//! it: the greeting names the pod, and every line sent comes back.
+//! it: the greeting names the pod, and every byte sent comes back (so every
+//! line does), as it arrives: no line is buffered, however long.
 //!
 //! ```text
 //! $ nc localhost 9090
@@ -16,7 +17,7 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 /// Greets and echoes on every connection to `listener`, until the process
@@ -34,16 +35,10 @@ pub async fn serve(listener: TcpListener, pod_name: Arc<str>) {
 }
 
 async fn echo(mut stream: TcpStream, pod_name: &str) -> std::io::Result<()> {
-    let (read, mut write) = stream.split();
+    let (mut read, mut write) = stream.split();
     write
         .write_all(format!("hello from {pod_name}\n").as_bytes())
         .await?;
-    let mut lines = BufReader::new(read);
-    let mut line = Vec::new();
-    // Lines of any length and bytes of any kind come back as they came.
-    while lines.read_until(b'\n', &mut line).await? > 0 {
-        write.write_all(&line).await?;
-        line.clear();
-    }
+    tokio::io::copy(&mut read, &mut write).await?;
     write.shutdown().await
 }
