@@ -753,6 +753,72 @@ mod tests {
     }
 
     #[test]
+    fn pods_discovery_needs_a_selector_and_only_pods_discovery_takes_one() {
+        let error = settings(r#"{"discovery": "pods"}"#, &[]).unwrap_err();
+        assert!(
+            error.contains("field `podSelector`: pods discovery needs a label selector"),
+            "{error}"
+        );
+        let error = settings(r#"{"podSelector": "app=backend"}"#, &[]).unwrap_err();
+        assert!(
+            error.contains("only used with \"discovery\": \"pods\""),
+            "{error}"
+        );
+        let pods = settings(
+            r#"{"discovery": "pods", "podSelector": "app=backend", "backendPortName": "http"}"#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            pods.source,
+            Source::Pods {
+                selector: "app=backend".into(),
+                port: BackendPort::Name("http".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn servers_discovery_checks_the_dns_server_and_always_health_checks() {
+        let error =
+            settings(r#"{"discovery": "servers", "dnsServer": "dns.local"}"#, &[]).unwrap_err();
+        assert!(
+            error.contains("field `dnsServer`: \"dns.local\" is not an IP:port"),
+            "{error}"
+        );
+        let servers = settings(
+            r#"{"discovery": "servers", "dnsServer": "127.0.0.1:53"}"#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            servers.source,
+            Source::Servers {
+                dns_server: Some("127.0.0.1:53".parse().unwrap()),
+                status_write_interval: Duration::from_secs(5),
+            }
+        );
+        assert_eq!(servers.health_check, Some(HealthCheck::default()));
+    }
+
+    #[test]
+    fn tcp_mode_defaults_to_least_connections_unless_told_otherwise() {
+        let tcp = settings(r#"{"mode": "tcp"}"#, &[]).unwrap();
+        assert_eq!(
+            (tcp.mode, tcp.algorithm),
+            (Mode::Tcp, Algorithm::LeastConnections)
+        );
+        let chosen = settings(r#"{"mode": "tcp", "algorithm": "random"}"#, &[]).unwrap();
+        assert_eq!(chosen.algorithm, Algorithm::Random);
+        assert_eq!(
+            settings("{}", &[]).unwrap().algorithm,
+            Algorithm::RoundRobin
+        );
+        let error = settings(r#"{"mode": "udp"}"#, &[]).unwrap_err();
+        assert!(error.contains("field `mode`"), "{error}");
+    }
+
+    #[test]
     fn every_number_in_the_file_has_a_bounded_range() {
         let defaults = serde_json::to_value(FileConfig::default()).unwrap();
         for (field, range) in LIMITS {
