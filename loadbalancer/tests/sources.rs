@@ -205,6 +205,18 @@ async fn servers_are_checked_only_healthy_ones_served_and_health_written_to_stat
     );
     assert_eq!(answered_by(&lb, 8).await, names(&["backend-1"]));
 
+    // A Server added while broken never gets a request: it waits for its
+    // checks to pass, as a pod waits for its readiness probe.
+    let mut late = start_backend_named("late", json!({ "port": 0 }));
+    post(format!("http://{}/admin/unready", late.addr)).await;
+    let mark = lb.process.mark();
+    api.apply_server(&server("late", &format!("http://{}", late.addr)));
+    lb.process
+        .wait_for_log_since(mark, "backends changed", |l| l["total"] == 3);
+    assert_eq!(answered_by(&lb, 8).await, names(&["backend-1"]));
+    wait_for_health(&api, "late", false);
+    late.process.kill();
+
     // Nothing changes: ten more probes of each, no status write.
     let writes = api.status_patches();
     for backend in backends.iter_mut() {

@@ -103,6 +103,15 @@ pub struct Policy {
 }
 
 impl Health {
+    /// A backend that must pass its checks before it gets traffic: one that
+    /// only they can vouch for (a `Server` resource, which no kubelet
+    /// probes), as a pod is not ready until its first probe passes.
+    pub fn unverified() -> Health {
+        let health = Health::default();
+        health.check_failed.store(true, Relaxed);
+        health
+    }
+
     /// The state at `now`.
     pub fn state(&self, now: u64) -> State {
         if self.check_failed.load(Relaxed) {

@@ -167,16 +167,21 @@ impl Backend {
         let text = addr.to_string();
         Backend {
             addr,
-            pod,
             // An IP:port always forms a valid authority and header value.
             authority: text
                 .parse()
                 .unwrap_or_else(|_| Authority::from_static("invalid")),
             label: HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("invalid")),
             stats: BackendStats::default(),
-            health: Health::default(),
+            // Only its checks vouch for a backend with a health URL.
+            health: if pod.health_url.is_some() {
+                Health::unverified()
+            } else {
+                Health::default()
+            },
             left: AtomicBool::new(false),
             departure: tokio::sync::Notify::new(),
+            pod,
         }
     }
 
