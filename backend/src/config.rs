@@ -131,7 +131,7 @@ mod tests {
             Err(
                 "reading config config.json: field `prot`: line 2, column 8: \
                  unknown field `prot`, expected one of `port`, `serviceName`, `headerReadTimeoutMs`, \
-                 `logLevel`, `logFormat`, `accessLog`, `responseDelayMs`"
+                 `logLevel`, `logFormat`, `accessLog`, `responseDelayMs`, `tcpPort`"
                     .into()
             )
         );
