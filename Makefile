@@ -17,7 +17,7 @@ REPLICAS ?= 5
 # $(call need,tool): stop with a clear message when a tool is missing.
 need = @command -v $(1) >/dev/null 2>&1 || { echo "make: '$(1)' is not installed; it is needed for this target (see README: Run it on kind)" >&2; exit 1; }
 
-.PHONY: help demo test build run-backend run-loadbalancer distribution bench \
+.PHONY: help demo demo-h2 test build run-backend run-loadbalancer distribution bench \
         up cluster images load deploy curl port-forward dashboard scale slow-pod shared-counter \
         servers pods crd logs down
 
@@ -28,6 +28,9 @@ help: ## List the targets
 
 demo: ## Local demo, no cluster: 3 backends + load balancer on loopback, distribution printed
 	scripts/demo.sh
+
+demo-h2: ## Local demo: one HTTP/2 connection through L4 (all on one pod) and L7 (spread per request)
+	scripts/demo-h2.sh
 
 test: ## Format check, lints, and every test (what CI runs)
 	cargo fmt --all --check

@@ -5,7 +5,7 @@
 //! the server when they like.
 //!
 //! Connections are served by [`common::serve`], as the load balancer's are:
-//! HTTP/1.1, and a client that does not send its request head within
+//! HTTP/1.1 or HTTP/2 (h2c), and a client that does not send its request head within
 //! `headerReadTimeoutMs` is disconnected.
 //!
 //! Shutdown follows what Kubernetes expects: readiness turns 503 first, the

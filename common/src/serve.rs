@@ -1,18 +1,26 @@
-//! Serving HTTP/1.1 on a listener, with the limits every listener needs.
+//! Serving HTTP/1.1 and HTTP/2 on a listener, with the limits every listener
+//! needs.
 //!
 //! All three listeners of the two binaries (the backend's port, the load
 //! balancer's proxy and admin ports) serve through this module, so they share
 //! the same defences against clients that misbehave:
 //!
-//! - **HTTP/1.1 only**, through hyper's `http1` connection builder. hyper-util's
-//!   "auto" builder would also answer a client that opens with the HTTP/2
-//!   preface, over HTTP/2, with none of the limits below.
-//! - **A header read timeout from the first moment.** hyper's timer runs from
-//!   when it starts waiting for a request head: right after the accept, and
-//!   again while a keep-alive connection waits for its next request. A client
-//!   that connects and sends nothing, or half a request line, is disconnected,
-//!   so idle sockets cannot pile up until the process runs out of file
-//!   descriptors.
+//! - **HTTP/1.1, and HTTP/2 with prior knowledge (h2c), told apart per
+//!   connection** by its first bytes: the HTTP/2 preface
+//!   (`PRI * HTTP/2.0...`), or anything else. Each is served by hyper's own
+//!   builder with its own limits; not by hyper-util's "auto" builder, which
+//!   would wait for those bytes with no time limit.
+//! - **A header read timeout from the first moment.** A client has
+//!   `headerReadTimeout` to send its first bytes; then, over HTTP/1.1,
+//!   hyper's timer runs while it waits for a request head, and again while a
+//!   keep-alive connection waits for its next request. A client that
+//!   connects and sends nothing, or half a request line, is disconnected, so
+//!   idle sockets cannot pile up until the process runs out of file
+//!   descriptors. Over HTTP/2, a peer that stops answering pings (every
+//!   `headerReadTimeout`, 20 s to answer) is disconnected.
+//! - **HTTP/2 limits**: at most [`MAX_STREAMS`] streams at once per
+//!   connection, header lists of at most [`MAX_HEAD_BYTES`], 1 MiB flow
+//!   control windows, and h2's defences against rapid resets.
 //! - **A cap on the request head** (`431` beyond [`MAX_HEAD_BYTES`]).
 //! - **Accept errors pause the loop**: at the file-descriptor limit `accept`
 //!   fails at once, again and again; we pause briefly and log at most once a
@@ -34,9 +42,9 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::{Body, Incoming};
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::{HttpService, service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tower::ServiceExt;
@@ -50,6 +58,12 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// The default listen backlog. nginx uses 511 and HAProxy its `maxconn`;
 /// the kernel caps it at `net.core.somaxconn` (4096 on current kernels).
 pub const DEFAULT_BACKLOG: u32 = 1024;
+
+/// The most HTTP/2 streams (requests) one connection may have open at once.
+pub const MAX_STREAMS: u32 = 128;
+
+/// The HTTP/2 connection preface (RFC 9113, 3.4): how an h2c client opens.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How long the accept loop pauses after a failed `accept`.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
@@ -69,10 +83,12 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.listen(backlog)
 }
 
-/// Serves HTTP/1.1 connections and keeps track of them for shutdown.
+/// Serves HTTP/1.1 and h2c connections and keeps track of them for shutdown.
 #[derive(Debug)]
 pub struct Server {
     http: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
     /// Changed once, at shutdown; every connection task holds a receiver.
     closing: watch::Sender<()>,
 }
@@ -88,8 +104,18 @@ impl Server {
             // incomplete, so one large read can slip past it.
             .max_header_size(MAX_HEAD_BYTES)
             .max_buf_size(MAX_HEAD_BYTES);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_STREAMS)
+            .max_header_list_size(MAX_HEAD_BYTES as u32)
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(2 << 20)
+            .keep_alive_interval(header_read_timeout)
+            .keep_alive_timeout(Duration::from_secs(20));
         Server {
             http,
+            h2,
+            header_read_timeout,
             closing: watch::Sender::new(()),
         }
     }
@@ -104,7 +130,7 @@ impl Server {
         until: impl Future<Output = ()>,
     ) where
         S: HttpService<Incoming, ResBody = B> + Send + 'static,
-        S::Future: Send,
+        S::Future: Send + 'static,
         S::Error: Into<BoxError>,
         B: Body + Send + 'static,
         B::Data: Send,
@@ -116,20 +142,23 @@ impl Server {
                 () = &mut until => return,
                 accepted = accept(listener) => accepted,
             };
-            let connection = self
-                .http
-                .serve_connection(TokioIo::new(stream), service_for(peer))
-                .with_upgrades();
-            let mut closing = self.closing.subscribe();
+            let service = service_for(peer);
+            let (http, h2) = (self.http.clone(), self.h2.clone());
+            let header_read_timeout = self.header_read_timeout;
+            let closing = self.closing.subscribe();
             tokio::spawn(async move {
-                let mut connection = pin!(connection);
-                let result = tokio::select! {
-                    result = connection.as_mut() => result,
-                    _ = closing.changed() => {
-                        // Finish the request in flight, then close.
-                        connection.as_mut().graceful_shutdown();
-                        connection.await
+                let result = match sniff(&stream, header_read_timeout).await {
+                    Some(Protocol::Http1) => {
+                        let connection = http
+                            .serve_connection(TokioIo::new(stream), service)
+                            .with_upgrades();
+                        until_closing(connection, closing).await
                     }
+                    Some(Protocol::Http2) => {
+                        let connection = h2.serve_connection(TokioIo::new(stream), service);
+                        until_closing(connection, closing).await
+                    }
+                    None => return,
                 };
                 if let Err(error) = result {
                     tracing::debug!(%peer, %error, "connection ended with an error");
@@ -174,6 +203,88 @@ impl Server {
                 all_closed.await;
                 true
             }
+        }
+    }
+}
+
+/// Which protocol a connection speaks.
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Tells HTTP/2 from HTTP/1.1 by the first bytes, without consuming them;
+/// `None` if the client sends nothing within `within` or goes away.
+async fn sniff(stream: &TcpStream, within: Duration) -> Option<Protocol> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut first = [0u8; PREFACE.len()];
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut first))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if first[..n] != PREFACE[..n] {
+            return Some(Protocol::Http1);
+        }
+        if n == PREFACE.len() {
+            return Some(Protocol::Http2);
+        }
+        // The start of the preface (or of `PUT`, `POST`...): peek again
+        // shortly; peeking at once would return the same bytes.
+        let pause = tokio::time::Instant::now() + Duration::from_millis(2);
+        if pause >= deadline {
+            return None;
+        }
+        tokio::time::sleep_until(pause).await;
+    }
+}
+
+/// A connection that can be told to finish what it is doing and close.
+trait Graceful: Future {
+    fn shut_down(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for http1::UpgradeableConnection<I, S>
+where
+    Self: Future,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    B: Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn shut_down(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B> Graceful for http2::Connection<I, S, TokioExecutor>
+where
+    Self: Future,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    B: Body + 'static,
+    B::Error: Into<BoxError>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn shut_down(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Drives `connection`; once `closing` changes, it finishes the requests
+/// in flight and closes.
+async fn until_closing<C: Graceful>(connection: C, mut closing: watch::Receiver<()>) -> C::Output {
+    let mut connection = pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => result,
+        _ = closing.changed() => {
+            connection.as_mut().shut_down();
+            connection.await
         }
     }
 }

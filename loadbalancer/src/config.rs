@@ -62,6 +62,18 @@ pub enum DiscoveryKind {
     Servers,
 }
 
+/// What the load balancer speaks to its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendProtocol {
+    /// HTTP/1.1: one request at a time per pooled connection.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge: many requests multiplexed over one
+    /// connection per backend.
+    H2c,
+}
+
 /// What the load balancer speaks on its port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -104,6 +116,8 @@ pub struct FileConfig {
     pub status_write_interval_ms: u64,
     /// `http` (a backend per request) or `tcp` (a backend per connection).
     pub mode: Mode,
+    /// `http1` or `h2c`: how requests reach the backends.
+    pub backend_protocol: BackendProtocol,
     /// TCP mode: how long a connection to a backend that left the set may
     /// go on before it is closed.
     pub drain_timeout_ms: u64,
@@ -170,6 +184,7 @@ impl Default for FileConfig {
             dns_server: None,
             status_write_interval_ms: 5_000,
             mode: Mode::Http,
+            backend_protocol: BackendProtocol::Http1,
             drain_timeout_ms: 30_000,
             tcp_idle_timeout_ms: 600_000,
             connect_timeout_ms: 1_000,
@@ -299,6 +314,7 @@ pub struct Settings {
     pub health_check: Option<HealthCheck>,
     pub shared_counter: Option<String>,
     pub mode: Mode,
+    pub backend_protocol: BackendProtocol,
     pub drain_timeout: Duration,
     pub tcp_idle_timeout: Duration,
     /// The file these settings came from, if any: it is watched for changes.
@@ -486,6 +502,7 @@ impl Settings {
             },
             shared_counter: file.shared_counter,
             mode: file.mode,
+            backend_protocol: file.backend_protocol,
             drain_timeout: ms("drainTimeoutMs", file.drain_timeout_ms)?,
             tcp_idle_timeout: ms("tcpIdleTimeoutMs", file.tcp_idle_timeout_ms)?,
             file: None,

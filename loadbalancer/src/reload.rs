@@ -6,7 +6,7 @@
 //!
 //! | changes live | needs a restart |
 //! |---|---|
-//! | `algorithm`, `weights`, `healthCheck`, `backends` (static discovery), `connectTimeoutMs`, `requestTimeoutMs`, `bodyIdleTimeoutMs`, `retries`, `cooldownMs`, `consecutive5xx`, `maxEjectionPercent`, `poolIdleTimeoutMs`, `drainDelayMs`, `shutdownTimeoutMs`, `drainTimeoutMs`, `tcpIdleTimeoutMs` (new connections), `logLevel`, `accessLog` | `port`, `adminPort`, `listenBacklog`, `headerReadTimeoutMs`, `logFormat`, `sharedCounter`, `mode`, `discovery` and its source settings |
+//! | `algorithm`, `weights`, `healthCheck`, `backends` (static discovery), `connectTimeoutMs`, `requestTimeoutMs`, `bodyIdleTimeoutMs`, `retries`, `cooldownMs`, `consecutive5xx`, `maxEjectionPercent`, `poolIdleTimeoutMs`, `drainDelayMs`, `shutdownTimeoutMs`, `backendProtocol`, `drainTimeoutMs`, `tcpIdleTimeoutMs` (new connections), `logLevel`, `accessLog` | `port`, `adminPort`, `listenBacklog`, `headerReadTimeoutMs`, `logFormat`, `sharedCounter`, `mode`, `discovery` and its source settings |
 //!
 //! Requests already in flight finish with the settings they started with;
 //! the next request reads the new ones (one atomic load).
@@ -112,6 +112,10 @@ impl Live {
                 old.shutdown_timeout != new.shutdown_timeout,
             ),
             ("drainTimeoutMs", old.drain_timeout != new.drain_timeout),
+            (
+                "backendProtocol",
+                old.backend_protocol != new.backend_protocol,
+            ),
             (
                 "tcpIdleTimeoutMs",
                 old.tcp_idle_timeout != new.tcp_idle_timeout,

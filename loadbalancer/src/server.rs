@@ -1,7 +1,8 @@
 //! Accepting connections, serving them, and shutting down without losing a
 //! request.
 //!
-//! Each accepted connection is served by hyper (HTTP/1.1, with upgrades) on
+//! Each accepted connection is served by hyper (HTTP/1.1 with upgrades, or
+//! HTTP/2 with prior knowledge) on
 //! its own task, with [`Proxy::handle`] answering every request on it. The
 //! listeners, limits and connection tracking are [`common::serve`]'s, shared
 //! with the backend: a client that does not send a request head within

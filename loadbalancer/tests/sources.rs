@@ -308,27 +308,46 @@ struct Dnsmasq {
     addr: SocketAddr,
 }
 
+/// `dnsmasq` on a port free for both UDP and TCP (it binds both); tried
+/// again on another port if it loses a race for that one.
 fn start_dnsmasq(records: &[String]) -> Dnsmasq {
-    let port = {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket.local_addr().unwrap().port()
-    };
-    let mut command = Command::new("dnsmasq");
-    command.args([
-        "--keep-in-foreground",
-        "--no-daemon",
-        "--conf-file=/dev/null",
-        "--no-resolv",
-        "--no-hosts",
-        "--listen-address=127.0.0.1",
-        "--bind-interfaces",
-        &format!("--port={port}"),
-    ]);
-    command.args(records);
-    let process = Process::start("dnsmasq", command);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    // Ready once it answers.
-    let answering = poll(PATIENCE, || {
+    for _ in 0..5 {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        let Ok(udp) = std::net::UdpSocket::bind(("127.0.0.1", port)) else {
+            continue;
+        };
+        drop((tcp, udp));
+        let mut command = Command::new("dnsmasq");
+        command.args([
+            "--keep-in-foreground",
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            &format!("--port={port}"),
+        ]);
+        command.args(records);
+        let mut process = Process::start("dnsmasq", command);
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        if answers(addr, &mut process) {
+            return Dnsmasq {
+                _process: process,
+                addr,
+            };
+        }
+    }
+    panic!("dnsmasq did not start on a free loopback port in 5 tries");
+}
+
+/// Whether the DNS server at `addr` answers (before `process` exits).
+fn answers(addr: SocketAddr, process: &mut Process) -> bool {
+    let answered = poll(PATIENCE, || {
+        if !process.is_running() {
+            return Some(false);
+        }
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
         socket
             .set_read_timeout(Some(std::time::Duration::from_millis(200)))
@@ -338,13 +357,9 @@ fn start_dnsmasq(records: &[String]) -> Dnsmasq {
             .send_to(&[0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 1], addr)
             .ok()?;
         let mut buffer = [0u8; 512];
-        socket.recv(&mut buffer).ok().map(|_| ())
+        socket.recv(&mut buffer).ok().map(|_| true)
     });
-    assert!(answering.is_some(), "dnsmasq answers on {addr}");
-    Dnsmasq {
-        _process: process,
-        addr,
-    }
+    answered == Some(true)
 }
 
 #[tokio::test]

@@ -114,6 +114,17 @@ pub fn prepare_request_headers(
     }
 }
 
+/// Whether the client said it accepts trailers (`TE: trailers`), as gRPC
+/// clients do; read before the hop-by-hop headers are dropped.
+pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("trailers"))
+}
+
 /// The client's `X-Request-Id` if it is sane (1 to 128 letters, digits and
 /// `-_.:`, so it is safe in a log line), else a new one: 32 hex digits,
 /// unique per process (a random start, then a counter).

@@ -28,8 +28,14 @@
 //! descriptors or local ports is a 503 that leaves the backend's health
 //! record alone. See [`Failure`].
 //!
+//! Clients may speak HTTP/1.1 or HTTP/2 (h2c, see [`common::serve`]); with
+//! HTTP/2 every request (stream) of one connection is balanced on its own,
+//! which a Kubernetes Service, balancing connections, cannot do. Backends are
+//! spoken to over HTTP/1.1, or over HTTP/2 with `"backendProtocol": "h2c"`
+//! (one multiplexed connection per backend); trailers pass both ways.
+//!
 //! WebSocket and other `Upgrade` requests are forwarded with their upgrade
-//! headers; once the backend answers `101 Switching Protocols`, bytes are
+//! headers (to HTTP/1.1 backends); once the backend answers `101 Switching Protocols`, bytes are
 //! copied both ways between the two upgraded connections. A 101 to a request
 //! that did not ask to upgrade is a broken backend: 502.
 
@@ -56,7 +62,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use nix::errno::Errno;
 
 use crate::balancer::{Backend, Balancer, Outcome};
-use crate::config::Settings;
+use crate::config::{BackendProtocol, Settings};
 use crate::metrics::InFlight;
 use body::{BodyError, Timed, Upload};
 pub use headers::{SERVED_BY, X_REQUEST_ID};
@@ -84,6 +90,8 @@ pub struct Proxy {
 #[derive(Debug)]
 struct Upstream {
     client: Client<HttpConnector, UpstreamBody>,
+    /// HTTP/2 to the backends (`backendProtocol: "h2c"`).
+    h2c: bool,
     connect_timeout: Duration,
     pool_idle_timeout: Duration,
     request_timeout: Duration,
@@ -114,10 +122,12 @@ impl Upstream {
     /// From `settings`, reusing `old`'s client (and its pooled
     /// connections) when the connection settings did not change.
     fn new(settings: &Settings, old: Option<&Upstream>) -> Upstream {
+        let h2c = settings.backend_protocol == BackendProtocol::H2c;
         let client = match old {
             Some(old)
                 if old.connect_timeout == settings.connect_timeout
-                    && old.pool_idle_timeout == settings.pool_idle_timeout =>
+                    && old.pool_idle_timeout == settings.pool_idle_timeout
+                    && old.h2c == h2c =>
             {
                 old.client.clone()
             }
@@ -129,11 +139,15 @@ impl Upstream {
                     // The idle timeout only takes effect with a timer to run it.
                     .pool_timer(TokioTimer::new())
                     .pool_idle_timeout(settings.pool_idle_timeout)
+                    // h2c: prior knowledge, one connection per backend
+                    // carrying every request to it at once.
+                    .http2_only(h2c)
                     .build(connector)
             }
         };
         Upstream {
             client,
+            h2c,
             connect_timeout: settings.connect_timeout,
             pool_idle_timeout: settings.pool_idle_timeout,
             request_timeout: settings.request_timeout,
@@ -176,8 +190,22 @@ impl Proxy {
             );
         }
         let upgrade = upgrade_protocol(request.headers());
+        if upgrade.is_some() && upstream.h2c {
+            return error(
+                StatusCode::NOT_IMPLEMENTED,
+                "upgrades (WebSocket) need HTTP/1.1 backends; these are reached over h2c",
+            );
+        }
         let mut client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
+        // HTTP/2 names the host in `:authority`; HTTP/1.1 backends need `Host`.
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(authority) = parts.uri.authority()
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            parts.headers.insert(header::HOST, host);
+        }
+        let wants_trailers = headers::accepts_trailers(&parts.headers);
         let request_id = request_id(&parts.headers);
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
         let path = parts
@@ -186,6 +214,12 @@ impl Proxy {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         prepare_request_headers(&mut parts.headers, peer.ip(), upgrade.as_ref());
+        // gRPC servers want `te: trailers`, the one TE an HTTP/2 hop keeps.
+        if upstream.h2c && wants_trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
 
         // A request with no body can be sent again as it was.
         let replayable = body.is_end_stream();
@@ -225,6 +259,7 @@ impl Proxy {
                 path.clone(),
                 headers,
                 upstream_body,
+                upstream.h2c,
             );
 
             let in_flight = InFlight::start(backend.clone());
@@ -250,6 +285,7 @@ impl Proxy {
                 self.balancer.record(&backend, outcome);
                 let response = relay(
                     response,
+                    parts.version,
                     &backend,
                     upstream.body_idle_timeout,
                     client_upgrade.take(),
@@ -347,6 +383,7 @@ async fn send(
 /// dropped, the body timed, an upgrade tunnelled.
 fn relay(
     mut response: Response<Incoming>,
+    version: Version,
     backend: &Backend,
     idle: Duration,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -364,6 +401,8 @@ fn relay(
     } else {
         remove_hop_by_hop(response.headers_mut());
     }
+    // In the client's version, whatever the backend spoke.
+    *response.version_mut() = version;
     response.map(|body| {
         Either::Left(Timed::from_backend(
             body,
@@ -502,6 +541,7 @@ fn build_request(
     path: PathAndQuery,
     headers: HeaderMap,
     body: UpstreamBody,
+    h2c: bool,
 ) -> Request<UpstreamBody> {
     let mut uri = hyper::http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTP);
@@ -511,7 +551,11 @@ fn build_request(
     *request.method_mut() = method.clone();
     // Scheme, authority and path are all set, so this cannot fail.
     *request.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
-    *request.version_mut() = Version::HTTP_11;
+    *request.version_mut() = if h2c {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
     *request.headers_mut() = headers;
     request
 }
