@@ -2,8 +2,8 @@
 //! request.
 //!
 //! Each accepted connection is served by hyper (HTTP/1.1 with upgrades, or
-//! HTTP/2 with prior knowledge) on
-//! its own task, with [`Proxy::handle`] answering every request on it. The
+//! HTTP/2 with prior knowledge) on its own task, with [`Proxy::handle`]
+//! answering every request on it. The
 //! listeners, limits and connection tracking are [`common::serve`]'s, shared
 //! with the backend: a client that does not send a request head within
 //! `headerReadTimeoutMs` is disconnected, on the admin port too.
