@@ -234,3 +234,29 @@ async fn the_backend_serves_h2c_on_its_port() {
     let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(answer["podName"], "backend-1");
 }
+
+#[tokio::test]
+async fn a_backend_killed_while_http2_streams_flow_loses_no_get() {
+    let mut backends = start_backends(3);
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let lb = start_load_balancer(&addrs, json!({}));
+    let sender = h2_connection(lb.addr).await;
+    let mut statuses = Vec::new();
+    for batch in 0..10 {
+        if batch == 3 {
+            backends[1].process.kill();
+        }
+        let requests = (0..30).map(|_| {
+            let mut sender = sender.clone();
+            let request = get(lb.addr, "/work?ms=20");
+            async move { exchange(&mut sender, request).await.0.status() }
+        });
+        statuses.extend(futures_util::future::join_all(requests).await);
+    }
+    assert_eq!(statuses.len(), 300);
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "every GET answered 200: {:?}",
+        statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
+    );
+}
