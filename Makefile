@@ -49,10 +49,11 @@ run-loadbalancer: ## Run the load balancer on :8080 over backends on :9001-9003 
 distribution: ## Send N requests to URL and print the spread over pods (URL=... N=...)
 	scripts/distribution.sh "$(URL)" "$(N)"
 
-bench: ## Benchmark against direct, nginx and HAProxy (HTTP and TCP mode), and discovery convergence
+bench: ## Benchmark against direct, nginx and HAProxy (HTTP/1.1, TCP mode, HTTP/2), and discovery convergence
 	python3 scripts/bench.py
 	python3 scripts/bench_algorithms.py
 	python3 scripts/bench_tcp.py
+	python3 scripts/bench_h2.py
 	cargo bench -p loadbalancer --bench convergence
 
 # === On kind (needs docker, kind, kubectl) ===
