@@ -274,9 +274,10 @@ def report(results):
         f"peak RSS {upload['peak_rss_mib']:.1f} MiB")
 
 
-if __name__ == "__main__":
+def run(main_function):
+    """Runs a bench's main, then stops every process it started, by PID."""
     try:
-        main()
+        main_function()
     finally:
         for process in processes:
             process.terminate()
@@ -285,3 +286,15 @@ if __name__ == "__main__":
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def write_results(name, results):
+    """Writes `results` to target/bench/NAME and says where."""
+    out = ROOT / "target" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(results, indent=2))
+    say(f"written to {out / name}")
+
+
+if __name__ == "__main__":
+    run(main)

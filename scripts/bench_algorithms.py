@@ -154,17 +154,19 @@ def main():
     slow = backends[2]
 
     bench.say(f"==> algorithms: {CLIENTS} clients for {SECONDS} s on core {bench.LOAD_CPU}, backend {slow} answers 50 ms late")
-    results = {}
-    for algorithm in ALGORITHMS:
+    def run(algorithm, count, label):
+        """One load balancer with `algorithm`, `count` clients; its figures."""
         lb, port, admin = load_balancer(release, tmp, backends, {"algorithm": algorithm})
-        result = clients(port)
+        result = clients(port, count)
         counts = served_by(admin)
         result["slow_share"] = counts.get(slow, 0) / max(sum(counts.values()), 1)
-        results[algorithm] = result
         lb.terminate()
         lb.wait()
-        bench.say(f"    {algorithm:18} {result['rps']:8.0f} req/s  p50 {result['p50_ms']:6.2f} ms  "
+        bench.say(f"    {label:18} {result['rps']:8.0f} req/s  p50 {result['p50_ms']:6.2f} ms  "
                   f"p99 {result['p99_ms']:6.2f} ms  slow backend {100 * result['slow_share']:5.1f}%")
+        return result
+
+    results = {algorithm: run(algorithm, CLIENTS, algorithm) for algorithm in ALGORITHMS}
     rr = results["round_robin"]["p99_ms"]
     for algorithm in ["least_connections", "power_of_two"]:
         r = results[algorithm]
@@ -175,17 +177,7 @@ def main():
     # Least connections evens out the number of requests open, so the slow
     # backend's share, and with it the p99, follows the number of clients.
     bench.say("==> least_connections by number of clients")
-    sweep = {}
-    for count in [2, 4, 16, 64]:
-        lb, port, admin = load_balancer(release, tmp, backends, {"algorithm": "least_connections"})
-        result = clients(port, count)
-        counts = served_by(admin)
-        result["slow_share"] = counts.get(slow, 0) / max(sum(counts.values()), 1)
-        sweep[count] = result
-        lb.terminate()
-        lb.wait()
-        bench.say(f"    {count:3} clients {result['rps']:8.0f} req/s  p50 {result['p50_ms']:6.2f} ms  "
-                  f"p99 {result['p99_ms']:6.2f} ms  slow backend {100 * result['slow_share']:5.1f}%")
+    sweep = {count: run("least_connections", count, f"{count} clients") for count in [2, 4, 16, 64]}
 
     redis_port = bench.free_port()
     bench.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
@@ -205,22 +197,12 @@ def main():
     added = counter["redis"]["p50_ms"] - counter["local"]["p50_ms"]
     bench.say(f"    Redis adds {1000 * added:.0f} µs at p50 per request")
 
-    out = ROOT / "target" / "bench"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "algorithms.json").write_text(json.dumps({"algorithms": results, "least_connections_by_clients": sweep, "counter": counter}, indent=2))
+    bench.write_results("algorithms.json",
+                        {"algorithms": results, "least_connections_by_clients": sweep, "counter": counter})
     (ROOT / "docs").mkdir(exist_ok=True)
     svg(results, ROOT / "docs" / "algorithms.svg")
-    bench.say(f"written to {out / 'algorithms.json'} and docs/algorithms.svg")
+    bench.say("and docs/algorithms.svg")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        for process in bench.processes:
-            process.terminate()
-        for process in bench.processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    bench.run(main)

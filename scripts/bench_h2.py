@@ -118,20 +118,8 @@ def main():
                   f"({', '.join(f'{c:.1f}' for c in cpu)})  {failed} failed")
     ratio = results["loadbalancer"]["cpu_us_per_request"] / results["haproxy"]["cpu_us_per_request"]
     bench.say(f"    loadbalancer / haproxy: CPU per request {ratio:.2f}x -> target {'met' if ratio <= 1 else 'NOT met'}")
-    out = ROOT / "target" / "bench"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "h2.json").write_text(json.dumps(results, indent=2))
-    bench.say(f"written to {out / 'h2.json'}")
+    bench.write_results("h2.json", results)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        for process in bench.processes:
-            process.terminate()
-        for process in bench.processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    bench.run(main)

@@ -281,20 +281,8 @@ def main():
     met = gib <= 1.0 and conn <= 1.0
     bench.say(f"    loadbalancer / nginx stream: CPU per GiB {gib:.2f}x, CPU per connection {conn:.2f}x "
               f"-> target {'met' if met else 'NOT met'}")
-    out = ROOT / "target" / "bench"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tcp.json").write_text(json.dumps(results, indent=2))
-    bench.say(f"written to {out / 'tcp.json'}")
+    bench.write_results("tcp.json", results)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        for process in bench.processes:
-            process.terminate()
-        for process in bench.processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    bench.run(main)

@@ -19,32 +19,8 @@ command -v curl >/dev/null || { echo "demo-h2: curl is needed; install it (apt-g
 echo "==> cargo build -p backend -p loadbalancer --example h2_one_connection"
 cargo build --quiet -p backend -p loadbalancer --example h2_one_connection
 
-logs=$(mktemp -d)
-pids=()
-stop_all() {
-  if ((${#pids[@]})); then
-    kill -TERM "${pids[@]}" 2>/dev/null || true
-    wait "${pids[@]}" 2>/dev/null || true
-  fi
-}
-trap stop_all EXIT
-trap 'echo; echo "demo-h2: interrupted"; exit 130' INT TERM
-
-# Waits (at most 10 s) until URL answers; shows the log if PID died.
-wait_ready() {
-  local url=$1 pid=$2 log=$3
-  for _ in $(seq 100); do
-    curl -sf -o /dev/null "$url" && return 0
-    if ! kill -0 "$pid" 2>/dev/null; then
-      echo "demo-h2: a process exited early; its output ($log):" >&2
-      cat "$log" >&2
-      exit 1
-    fi
-    sleep 0.1
-  done
-  echo "demo-h2: $url did not become ready within 10 s; see $log" >&2
-  exit 1
-}
+name=demo-h2
+source scripts/processes.sh
 
 backends=()
 for i in 1 2 3; do

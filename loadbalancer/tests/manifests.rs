@@ -322,29 +322,7 @@ fn the_node_port_is_the_one_kind_publishes_on_localhost_8080() {
 #[allow(deprecated)] // v1 Endpoints is one of the two watched APIs
 fn rbac_grants_exactly_list_and_watch_on_what_discovery_watches() {
     let m = manifests();
-    let granted: BTreeMap<(String, String), Vec<String>> = m
-        .role
-        .rules
-        .iter()
-        .flatten()
-        .flat_map(|rule| {
-            let groups = rule.api_groups.clone().unwrap_or_default();
-            let resources = rule.resources.clone().unwrap_or_default();
-            groups.into_iter().flat_map(move |group| {
-                let verbs = rule.verbs.clone();
-                resources
-                    .clone()
-                    .into_iter()
-                    .map(move |resource| ((group.clone(), resource), verbs.clone()))
-            })
-        })
-        .collect();
-    let watched = |group: &str, resource: &str| {
-        (
-            (group.to_owned(), resource.to_owned()),
-            vec!["list".to_owned(), "watch".to_owned()],
-        )
-    };
+    let watched = |group, resource| grant(group, resource, &["list", "watch"]);
     let expected = BTreeMap::from([
         watched(EndpointSlice::GROUP, EndpointSlice::URL_PATH_SEGMENT),
         watched(
@@ -352,7 +330,7 @@ fn rbac_grants_exactly_list_and_watch_on_what_discovery_watches() {
             k8s_openapi::api::core::v1::Endpoints::URL_PATH_SEGMENT,
         ),
     ]);
-    assert_eq!(granted, expected);
+    assert_eq!(grants(&m.role), expected);
 
     assert_eq!(
         m.binding.role_ref.kind, "Role",
