@@ -260,3 +260,17 @@ async fn a_backend_killed_while_http2_streams_flow_loses_no_get() {
         statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
     );
 }
+
+#[tokio::test]
+async fn an_upgrade_to_h2c_backends_is_refused_clearly() {
+    let (backend, _) = h2c_upstream("h2c").await;
+    let lb = start_load_balancer(&[backend], json!({ "backendProtocol": "h2c" }));
+    let answer = raw_exchange(
+        lb.addr,
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
+    assert!(answer.contains("need HTTP/1.1 backends"), "{answer}");
+}

@@ -35,9 +35,10 @@
 //! (one multiplexed connection per backend); trailers pass both ways.
 //!
 //! WebSocket and other `Upgrade` requests are forwarded with their upgrade
-//! headers (to HTTP/1.1 backends); once the backend answers `101 Switching Protocols`, bytes are
-//! copied both ways between the two upgraded connections. A 101 to a request
-//! that did not ask to upgrade is a broken backend: 502.
+//! headers (to HTTP/1.1 backends; h2c ones cannot take them: 501); once the
+//! backend answers `101 Switching Protocols`, bytes are copied both ways
+//! between the two upgraded connections. A 101 to a request that did not
+//! ask to upgrade is a broken backend: 502.
 
 mod body;
 pub mod headers;
