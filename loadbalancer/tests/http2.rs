@@ -267,7 +267,7 @@ async fn an_upgrade_to_h2c_backends_is_refused_clearly() {
     let lb = start_load_balancer(&[backend], json!({ "backendProtocol": "h2c" }));
     let answer = raw_exchange(
         lb.addr,
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\
           Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
     )
     .await;
