@@ -9,7 +9,9 @@ figure that compares proxies is the CPU time the proxy spent per request
 keep-alive and no access log; the load balancer runs with RUST_LOG=warn (no
 per-request log line), so neither writes logs in the hot path.
 
-Also measured: the load balancer's peak RSS after streaming a 1 GiB upload
+Also measured: the load balancer again with its default per-request access
+log on (info level, to /dev/null through the non-blocking writer), for what
+a log line costs; and its peak RSS after streaming a 1 GiB upload
 through it.
 
 Environment: BENCH_SECONDS (default 10), BENCH_CONNECTIONS (default 32),
@@ -232,6 +234,13 @@ def main():
     lb = start([str(release / "loadbalancer"), "--host", "127.0.0.1", "--port", str(lb_port),
                 "--admin-port", str(admin_port), "--backends", ",".join(upstreams)], PROXY_CPU, quiet)
     wait_http(f"http://127.0.0.1:{admin_port}/readyz", lb)
+    # The same, with the default per-request access log on (to /dev/null
+    # through the non-blocking writer), for what the log line costs.
+    logged_port, logged_admin = free_port(), free_port()
+    logged = start([str(release / "loadbalancer"), "--host", "127.0.0.1", "--port", str(logged_port),
+                    "--admin-port", str(logged_admin), "--backends", ",".join(upstreams)], PROXY_CPU,
+                   {"RUST_LOG": "info"})
+    wait_http(f"http://127.0.0.1:{logged_admin}/readyz", logged)
     tmp = tempfile.mkdtemp(prefix="bench-nginx-")
     nginx = start(["nginx", "-p", tmp, "-c", str(nginx_config(tmp, nginx_port, upstreams))], PROXY_CPU)
     wait_http(f"http://127.0.0.1:{nginx_port}/", nginx)
@@ -244,6 +253,7 @@ def main():
         "direct": measure("direct", f"http://{upstreams[0]}{PAGE_PATH}", None),
         "loadbalancer": measure("loadbalancer", f"http://127.0.0.1:{lb_port}{PAGE_PATH}", lb),
         "nginx": measure("nginx", f"http://127.0.0.1:{nginx_port}{PAGE_PATH}", nginx),
+        "loadbalancer, access log": measure("lb, logging", f"http://127.0.0.1:{logged_port}{PAGE_PATH}", logged),
     }
     say("==> streaming a 1 GiB upload through the load balancer")
     rss, echoed = upload_gib(f"http://127.0.0.1:{lb_port}/", lb)
@@ -269,6 +279,11 @@ def report(results):
         say(f"  loadbalancer / nginx: req/s {lb['rps'] / nginx['rps']:.2f}x, "
             f"p99 {lb['p99_ms'] / nginx['p99_ms']:.2f}x, "
             f"CPU per request {lb['cpu_us_per_request'] / nginx['cpu_us_per_request']:.2f}x")
+    for mode in ["keep-alive", "new connection per request"]:
+        quiet, logged = results["loadbalancer"][mode], results["loadbalancer, access log"][mode]
+        extra = logged["cpu_us_per_request"] / quiet["cpu_us_per_request"] - 1
+        say(f"access log on, {mode}: CPU per request {logged['cpu_us_per_request']:.1f} µs, "
+            f"{100 * extra:+.0f}% over off (target: under +10%), {logged['errors']} errors")
     upload = results["upload_1gib"]
     say(f"\n1 GiB upload through the load balancer: {upload['echoed_bytes']} bytes received back, "
         f"peak RSS {upload['peak_rss_mib']:.1f} MiB")

@@ -6,6 +6,11 @@
 //! environment wins, as an operator's override at deploy time should. The
 //! level can change while running ([`Logging::set_level`]), through a reload
 //! layer around the filter; the format is fixed at startup.
+//!
+//! Lines are written by a thread of their own (`tracing-appender`'s
+//! non-blocking writer): the request path only queues a line, so a slow
+//! stdout (a full pipe, a slow log collector) never stalls the event loop.
+//! If the queue fills up, lines are dropped rather than requests held.
 
 use std::io::IsTerminal;
 use std::sync::LazyLock;
@@ -34,6 +39,8 @@ pub struct Logging {
     filter: reload::Handle<EnvFilter, Registry>,
     /// `RUST_LOG` is set, so the config's level is not used.
     env_level: bool,
+    /// Writes out the queued lines when dropped, at exit.
+    _writer: tracing_appender::non_blocking::WorkerGuard,
 }
 
 /// Checks a `logLevel` value: a level (`info`), or a filter such as
@@ -73,7 +80,8 @@ pub fn init(level: &str, format: LogFormat) -> Logging {
         _ => format,
     };
     let (filter, handle) = reload::Layer::new(filter);
-    let output = tracing_subscriber::fmt::layer().with_writer(std::io::stdout);
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let output = tracing_subscriber::fmt::layer().with_writer(writer);
     let output = match format {
         LogFormat::Json => output.json().flatten_event(true).boxed(),
         LogFormat::Text => output.with_ansi(std::io::stdout().is_terminal()).boxed(),
@@ -85,6 +93,7 @@ pub fn init(level: &str, format: LogFormat) -> Logging {
     Logging {
         filter: handle,
         env_level,
+        _writer: guard,
     }
 }
 
