@@ -22,6 +22,9 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _, Registry, reload};
 
+/// How many log lines may wait for stdout before new ones are dropped.
+const QUEUED_LINES: usize = 8192;
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -80,7 +83,12 @@ pub fn init(level: &str, format: LogFormat) -> Logging {
         _ => format,
     };
     let (filter, handle) = reload::Layer::new(filter);
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    // The queue's slots are allocated up front: 8192 lines (a few hundred
+    // KiB) ride out a burst; the crate's default, 128,000, costs 5 MiB.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(QUEUED_LINES)
+        .lossy(true)
+        .finish(std::io::stdout());
     let output = tracing_subscriber::fmt::layer().with_writer(writer);
     let output = match format {
         LogFormat::Json => output.json().flatten_event(true).boxed(),
