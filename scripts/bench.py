@@ -187,6 +187,31 @@ http {{
     return conf
 
 
+def haproxy_config(tmp, port, upstreams, mode, balance, h2=False):
+    """HAProxy with one thread and no logging, over `upstreams`: `mode` tcp
+    or http; with `h2`, HTTP/2 on both sides (prior knowledge)."""
+    proto = " proto h2" if h2 else ""
+    servers = "\n".join(f"  server s{i} {u}{proto}" for i, u in enumerate(upstreams))
+    conf = Path(tmp) / f"haproxy-{mode}.cfg"
+    conf.write_text(f"""
+global
+  maxconn 4096
+  nbthread 1
+defaults
+  mode {mode}
+  timeout connect 5s
+  timeout client 600s
+  timeout server 600s
+frontend incoming
+  bind 127.0.0.1:{port}{proto}
+  default_backend backends
+backend backends
+  balance {balance}
+{servers}
+""")
+    return conf
+
+
 def upload_gib(url, proxy):
     """Streams 1 GiB through /echo and returns the proxy's peak RSS after."""
     chunk = b"\0" * (1 << 20)

@@ -49,28 +49,6 @@ def measure(port, process):
     return result
 
 
-def haproxy_config(tmp, port, upstreams):
-    servers = "\n".join(f"  server s{i} {u} proto h2" for i, u in enumerate(upstreams))
-    conf = Path(tmp) / "haproxy-h2.cfg"
-    conf.write_text(f"""
-global
-  maxconn 4096
-  nbthread 1
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-frontend h2_in
-  bind 127.0.0.1:{port} proto h2
-  default_backend backends
-backend backends
-  balance roundrobin
-{servers}
-""")
-    return conf
-
-
 def main():
     bench.ensure_tools([("h2load", "nghttp2-client"), ("haproxy", "haproxy")])
     subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "backend", "-p", "loadbalancer"],
@@ -97,7 +75,8 @@ def main():
                      bench.PROXY_CPU, quiet)
     bench.wait_http(f"http://127.0.0.1:{admin_port}/readyz", lb)
     haproxy_port = bench.free_port()
-    haproxy = bench.start(["haproxy", "-db", "-f", str(haproxy_config(tmp, haproxy_port, upstreams))],
+    haproxy = bench.start(["haproxy", "-db", "-f", str(bench.haproxy_config(
+        tmp, haproxy_port, upstreams, mode="http", balance="roundrobin", h2=True))],
                           bench.PROXY_CPU)
     h2load(haproxy_port)  # also waits until HAProxy answers
 

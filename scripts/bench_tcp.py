@@ -207,28 +207,6 @@ stream {{
     return conf
 
 
-def haproxy_config(tmp, port, upstreams):
-    servers = "\n".join(f"  server s{i} {u}" for i, u in enumerate(upstreams))
-    conf = Path(tmp) / "haproxy.cfg"
-    conf.write_text(f"""
-global
-  maxconn 4096
-  nbthread 1
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 600s
-  timeout server 600s
-frontend tcp_in
-  bind 127.0.0.1:{port}
-  default_backend backends
-backend backends
-  balance leastconn
-{servers}
-""")
-    return conf
-
-
 def main():
     bench.ensure_tools([("haproxy", "haproxy"),
                         ("/usr/lib/nginx/modules/ngx_stream_module.so", "libnginx-mod-stream")])
@@ -264,7 +242,8 @@ def main():
                         bench.PROXY_CPU)
     wait_tcp(nginx_port, nginx)
     haproxy_port = bench.free_port()
-    haproxy = bench.start(["haproxy", "-db", "-f", str(haproxy_config(tmp, haproxy_port, upstreams))],
+    haproxy = bench.start(["haproxy", "-db", "-f", str(bench.haproxy_config(
+        tmp, haproxy_port, upstreams, mode="tcp", balance="leastconn"))],
                           bench.PROXY_CPU)
     wait_tcp(haproxy_port, haproxy)
 

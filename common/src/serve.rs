@@ -37,6 +37,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -83,12 +84,19 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.listen(backlog)
 }
 
-/// Serves HTTP/1.1 and h2c connections and keeps track of them for shutdown.
+/// How each protocol is served, and how long the first bytes may take.
 #[derive(Debug)]
-pub struct Server {
+struct Protocols {
     http: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     header_read_timeout: Duration,
+}
+
+/// Serves HTTP/1.1 and h2c connections and keeps track of them for shutdown.
+#[derive(Debug)]
+pub struct Server {
+    /// Shared by every connection task: one reference count per connection.
+    protocols: Arc<Protocols>,
     /// Changed once, at shutdown; every connection task holds a receiver.
     closing: watch::Sender<()>,
 }
@@ -113,9 +121,11 @@ impl Server {
             .keep_alive_interval(header_read_timeout)
             .keep_alive_timeout(Duration::from_secs(20));
         Server {
-            http,
-            h2,
-            header_read_timeout,
+            protocols: Arc::new(Protocols {
+                http,
+                h2,
+                header_read_timeout,
+            }),
             closing: watch::Sender::new(()),
         }
     }
@@ -143,19 +153,20 @@ impl Server {
                 accepted = accept(listener) => accepted,
             };
             let service = service_for(peer);
-            let (http, h2) = (self.http.clone(), self.h2.clone());
-            let header_read_timeout = self.header_read_timeout;
+            let protocols = self.protocols.clone();
             let closing = self.closing.subscribe();
             tokio::spawn(async move {
-                let result = match sniff(&stream, header_read_timeout).await {
+                let result = match sniff(&stream, protocols.header_read_timeout).await {
                     Some(Protocol::Http1) => {
-                        let connection = http
+                        let connection = protocols
+                            .http
                             .serve_connection(TokioIo::new(stream), service)
                             .with_upgrades();
                         until_closing(connection, closing).await
                     }
                     Some(Protocol::Http2) => {
-                        let connection = h2.serve_connection(TokioIo::new(stream), service);
+                        let connection =
+                            protocols.h2.serve_connection(TokioIo::new(stream), service);
                         until_closing(connection, closing).await
                     }
                     None => return,

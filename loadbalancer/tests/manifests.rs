@@ -98,6 +98,12 @@ fn pod(deployment: &Deployment) -> &PodSpec {
     deployment.spec.template.spec.as_ref().unwrap()
 }
 
+/// The labels a deployment gives its pods.
+fn pod_labels(deployment: &Deployment) -> &BTreeMap<String, String> {
+    let metadata = deployment.spec.template.metadata.as_ref().unwrap();
+    metadata.labels.as_ref().unwrap()
+}
+
 fn container(deployment: &Deployment) -> &Container {
     let containers = &pod(deployment).containers;
     assert_eq!(containers.len(), 1, "one container per pod");
@@ -187,14 +193,7 @@ fn services_select_their_own_pods() {
     for (service, deployment) in [(&m.backend_service, &m.backend), (&m.lb_service, &m.lb)] {
         let selector = service.spec.as_ref().unwrap().selector.as_ref().unwrap();
         let spec = &deployment.spec;
-        let labels = spec
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .labels
-            .as_ref()
-            .unwrap();
+        let labels = pod_labels(deployment);
         assert!(!selector.is_empty());
         for (key, value) in selector {
             assert_eq!(
@@ -813,16 +812,7 @@ fn the_pods_overlay_selects_the_backend_pods_by_label_on_their_named_port() {
         panic!("{dir}: the config must use pods discovery");
     };
     let m = manifests();
-    let labels = m
-        .backend
-        .spec
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .labels
-        .clone()
-        .unwrap();
+    let labels = pod_labels(&m.backend);
     for term in selector.split(',') {
         let (key, value) = term.split_once('=').unwrap();
         assert_eq!(labels.get(key).map(String::as_str), Some(value), "{term}");
@@ -889,15 +879,7 @@ fn the_tcp_load_balancer_reaches_the_backends_tcp_port_and_kind_publishes_9090()
     );
 
     // Its own pods, its own Service, the HTTP one does not select them.
-    let labels = deployment
-        .spec
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .labels
-        .clone()
-        .unwrap();
+    let labels = pod_labels(&deployment);
     let selector = service.spec.as_ref().unwrap().selector.clone().unwrap();
     assert!(selector.iter().all(|(k, v)| labels.get(k) == Some(v)));
     let http_selector = m

@@ -206,7 +206,8 @@ impl Proxy {
         {
             parts.headers.insert(header::HOST, host);
         }
-        let wants_trailers = headers::accepts_trailers(&parts.headers);
+        // Read before the hop-by-hop headers go; only h2c backends need it.
+        let wants_trailers = upstream.h2c && headers::accepts_trailers(&parts.headers);
         let request_id = request_id(&parts.headers);
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
         let path = parts
@@ -216,7 +217,7 @@ impl Proxy {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         prepare_request_headers(&mut parts.headers, peer.ip(), upgrade.as_ref());
         // gRPC servers want `te: trailers`, the one TE an HTTP/2 hop keeps.
-        if upstream.h2c && wants_trailers {
+        if wants_trailers {
             parts
                 .headers
                 .insert(header::TE, HeaderValue::from_static("trailers"));

@@ -122,9 +122,21 @@ async fn backends(dns: &Dns, servers: &[Arc<Server>], check_path: &str) -> (Back
         let name = server.metadata.name.clone().unwrap_or_default();
         match resolve(dns, &server.spec, check_path).await {
             Ok((addr, health_url)) => {
+                // The CRD's schema allows 1 to 100; a cluster without it
+                // (or a hand-made object) could say anything.
+                let weight = server.spec.weight.map(|weight| {
+                    if !(1..=100).contains(&weight) {
+                        tracing::warn!(
+                            server = name,
+                            weight,
+                            "spec.weight is outside 1 to 100; using the nearest of those"
+                        );
+                    }
+                    weight.clamp(1, 100)
+                });
                 let about = Pod {
                     name: Some(name),
-                    weight: server.spec.weight,
+                    weight,
                     health_url: Some(health_url),
                     ..Pod::default()
                 };
