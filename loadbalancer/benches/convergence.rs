@@ -9,8 +9,6 @@
 
 #![allow(clippy::unwrap_used, dead_code)]
 
-#[path = "../tests/support/fake_apiserver.rs"]
-mod fake_apiserver;
 #[path = "../tests/support/mod.rs"]
 mod support;
 

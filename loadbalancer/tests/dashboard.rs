@@ -3,8 +3,6 @@
 
 #![allow(clippy::unwrap_used, deprecated)] // a test crate
 
-#[path = "support/fake_apiserver.rs"]
-mod fake_apiserver;
 mod support;
 
 use std::process::Command;

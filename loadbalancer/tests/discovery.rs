@@ -5,8 +5,6 @@
 
 #![allow(clippy::unwrap_used, deprecated)] // a test crate; v1 Endpoints is under test
 
-#[path = "support/fake_apiserver.rs"]
-mod fake_apiserver;
 mod support;
 
 use std::collections::BTreeMap;

@@ -5,8 +5,6 @@
 
 #![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
 
-#[path = "support/fake_apiserver.rs"]
-mod fake_apiserver;
 mod support;
 
 use std::collections::BTreeSet;

@@ -1,7 +1,11 @@
 //! A fake Kubernetes API server: just enough of the real wire protocol for
-//! the load balancer's discovery to run against it unchanged.
+//! the load balancer's discovery to run against it unchanged, through an
+//! ordinary kubeconfig. The tests drive it from Rust; `make demo` runs it as
+//! a process (`fake-apiserver`, see `main.rs`) and plays the EndpointSlice
+//! controller with `curl -X PUT`. On a real cluster, the API server and the
+//! controllers do what this does.
 //!
-//! It serves, on `127.0.0.1`, lists and watches of EndpointSlices
+//! It serves, on `127.0.0.1`, EndpointSlices
 //! (`/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices`), v1
 //! Endpoints (`/api/v1/namespaces/{ns}/endpoints`), Pods
 //! (`/api/v1/namespaces/{ns}/pods`) and the custom resource `Server`
@@ -12,16 +16,21 @@
 //! - a watch (`?watch=true&resourceVersion=N`) replays the changes after N,
 //!   then streams new ones as newline-delimited `WatchEvent` JSON; a version
 //!   older than the kept history gets an ERROR event with a 410 Status, as a
-//!   real API server does after compaction;
+//!   real API server does after compaction; a watch with no version starts
+//!   with an ADDED event per object, as `kubectl get -w` shows;
 //! - `labelSelector` (`k=v,...`) and `fieldSelector` (`metadata.name=...`)
-//!   are honoured.
+//!   are honoured;
+//! - `PUT .../{name}` creates or replaces an object, `DELETE .../{name}`
+//!   deletes it.
 //!
 //! The test drives it: change objects, drop every watch, forget history
 //! (forcing 410s), answer 403 (for good, or for the next few requests), or
 //! go down entirely and come back on the same port, refuse status patches.
 //! Objects go in as typed values (k8s-openapi types, the load balancer's
 //! `Server`) and are kept as the JSON the real server would send.
-#![allow(deprecated, dead_code)] // v1 Endpoints is under test; each test crate uses a part
+// v1 Endpoints is one of the sources under test; and, as a test fixture, a
+// broken invariant here should fail loudly, at once.
+#![allow(deprecated, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -33,7 +42,7 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, patch};
+use axum::routing::{get, patch, put};
 use futures_util::StreamExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::core::v1::{Endpoints, Pod};
@@ -55,6 +64,17 @@ enum Kind {
 }
 
 impl Kind {
+    const ALL: [Kind; 4] = [Kind::Slices, Kind::Endpoints, Kind::Pods, Kind::Servers];
+
+    /// The collection's URL path, with `{namespace}` for axum to fill.
+    fn collection_path(self) -> String {
+        let group = match self.api_version() {
+            "v1" => "/api/v1".to_owned(),
+            group => format!("/apis/{group}"),
+        };
+        format!("{group}/namespaces/{{namespace}}/{}", self.resource())
+    }
+
     /// The resource as RBAC and error messages name it.
     fn resource(self) -> &'static str {
         match self {
@@ -134,6 +154,7 @@ struct Shared {
 ///
 /// It runs on a runtime of its own, so it keeps answering while a test
 /// blocks its own thread waiting for a log line.
+#[derive(Debug)]
 pub struct FakeApiServer {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
@@ -142,9 +163,16 @@ pub struct FakeApiServer {
 }
 
 impl FakeApiServer {
-    /// Starts an API server whose objects live in `namespace`.
+    /// Starts an API server on an ephemeral loopback port whose objects
+    /// live in `namespace`.
     pub async fn start(namespace: &str) -> FakeApiServer {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        FakeApiServer::start_on("127.0.0.1:0".parse().unwrap(), namespace)
+            .expect("an ephemeral loopback port is free")
+    }
+
+    /// Starts an API server on `addr`; fails when the port is taken.
+    pub fn start_on(addr: SocketAddr, namespace: &str) -> std::io::Result<FakeApiServer> {
+        let listener = std::net::TcpListener::bind(addr)?;
         let shared = Arc::new(Shared {
             namespace: namespace.to_owned(),
             world: Mutex::new(World {
@@ -156,32 +184,35 @@ impl FakeApiServer {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
-            .build()
-            .unwrap();
+            .build()?;
         let fake = FakeApiServer {
-            addr: listener.local_addr().unwrap(),
+            addr: listener.local_addr()?,
             shared,
             server: Mutex::new(None),
             runtime: Some(runtime),
         };
         fake.serve(listener);
-        fake
+        Ok(fake)
     }
 
     /// A kubeconfig file pointing at this server, with `namespace` as the
     /// context's namespace.
     pub fn kubeconfig(&self, namespace: &str) -> tempfile::NamedTempFile {
         let mut file = tempfile::NamedTempFile::new().unwrap();
-        write!(
-            file,
+        file.write_all(self.kubeconfig_yaml(namespace).as_bytes())
+            .unwrap();
+        file
+    }
+
+    /// The kubeconfig's text: one cluster, one context, a dummy token.
+    pub fn kubeconfig_yaml(&self, namespace: &str) -> String {
+        format!(
             "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
              clusters:\n- name: fake\n  cluster:\n    server: http://{addr}\n\
              contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: {namespace}\n\
              users:\n- name: fake\n  user:\n    token: not-a-real-token\n",
             addr = self.addr
         )
-        .unwrap();
-        file
     }
 
     /// Creates or replaces an EndpointSlice, notifying watchers.
@@ -298,17 +329,25 @@ impl FakeApiServer {
 
     fn serve(&self, listener: std::net::TcpListener) {
         listener.set_nonblocking(true).unwrap();
-        let app = Router::new()
-            .route(
-                "/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
-                get(slices),
-            )
-            .route("/api/v1/namespaces/{namespace}/endpoints", get(endpoints))
-            .route("/api/v1/namespaces/{namespace}/pods", get(pods))
-            .route(
-                "/apis/lb.example.com/v1alpha1/namespaces/{namespace}/servers",
-                get(servers),
-            )
+        let mut app = Router::new();
+        for kind in Kind::ALL {
+            let collection = kind.collection_path();
+            app = app
+                .route(
+                    &collection,
+                    get(move |state, namespace, params| async move {
+                        answer(kind, state, namespace, params)
+                    }),
+                )
+                .route(
+                    &format!("{collection}/{{name}}"),
+                    put(
+                        move |state, path, body| async move { put_object(kind, state, path, body) },
+                    )
+                    .delete(move |state, path| async move { delete_object(kind, state, path) }),
+                );
+        }
+        let app = app
             .route(
                 "/apis/lb.example.com/v1alpha1/namespaces/{namespace}/servers/{name}/status",
                 patch(server_status),
@@ -333,39 +372,45 @@ impl FakeApiServer {
     }
 
     fn delete(&self, kind: Kind, name: &str) {
-        let mut world = self.shared.world.lock().unwrap();
-        let version = bump(&mut world);
-        let Some(mut gone) = world.objects.entry(kind).or_default().remove(name) else {
-            return;
-        };
-        gone["metadata"]["resourceVersion"] = version.to_string().into();
-        self.record(&mut world, kind, version, "DELETED", gone);
+        delete(&self.shared, kind, name);
     }
 
-    fn change(&self, kind: Kind, mut object: Value) {
-        let mut world = self.shared.world.lock().unwrap();
-        let version = bump(&mut world);
-        stamp(&mut object, &self.shared.namespace, version);
-        let name = name_of(&object);
-        let collection = world.objects.entry(kind).or_default();
-        if kind == Kind::Servers
-            && let Some(status) = collection.get(&name).and_then(|old| old.get("status"))
-        {
-            object["status"] = status.clone();
-        }
-        let event = match collection.insert(name, object.clone()) {
-            Some(_) => "MODIFIED",
-            None => "ADDED",
-        };
-        self.record(&mut world, kind, version, event, object);
-    }
-
-    /// Keeps the change in history and sends it to watchers.
-    fn record(&self, world: &mut World, kind: Kind, version: u64, event: &str, object: Value) {
-        record(&self.shared, world, kind, version, event, object);
+    fn change(&self, kind: Kind, object: Value) {
+        change(&self.shared, kind, object);
     }
 }
 
+/// Deletes `kind`'s object `name`, if there is one, notifying watchers.
+fn delete(shared: &Shared, kind: Kind, name: &str) -> Option<Value> {
+    let mut world = shared.world.lock().unwrap();
+    let version = bump(&mut world);
+    let mut gone = world.objects.entry(kind).or_default().remove(name)?;
+    gone["metadata"]["resourceVersion"] = version.to_string().into();
+    record(shared, &mut world, kind, version, "DELETED", gone.clone());
+    Some(gone)
+}
+
+/// Creates or replaces an object, notifying watchers; returns it as stored.
+fn change(shared: &Shared, kind: Kind, mut object: Value) -> Value {
+    let mut world = shared.world.lock().unwrap();
+    let version = bump(&mut world);
+    stamp(&mut object, &shared.namespace, version);
+    let name = name_of(&object);
+    let collection = world.objects.entry(kind).or_default();
+    if kind == Kind::Servers
+        && let Some(status) = collection.get(&name).and_then(|old| old.get("status"))
+    {
+        object["status"] = status.clone();
+    }
+    let event = match collection.insert(name, object.clone()) {
+        Some(_) => "MODIFIED",
+        None => "ADDED",
+    };
+    record(shared, &mut world, kind, version, event, object.clone());
+    object
+}
+
+/// Keeps the change in history and sends it to watchers.
 fn record(
     shared: &Shared,
     world: &mut World,
@@ -437,42 +482,76 @@ pub fn meta(
 #[derive(Debug, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Params {
-    watch: Option<bool>,
+    /// `true` or `1`, as the real server takes either.
+    watch: Option<String>,
     resource_version: Option<String>,
     label_selector: Option<String>,
     field_selector: Option<String>,
 }
 
-async fn slices(
-    state: State<Arc<Shared>>,
-    namespace: Path<String>,
-    params: Query<Params>,
+/// `PUT .../{name}`: creates or replaces the object in the body.
+fn put_object(
+    kind: Kind,
+    State(shared): State<Arc<Shared>>,
+    Path((namespace, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
 ) -> Response {
-    answer(Kind::Slices, state, namespace, params)
+    let mut object: Value = match serde_json::from_slice(&body) {
+        Ok(object @ Value::Object(_)) => object,
+        Ok(_) => return bad_request("the body must be a JSON object".into()),
+        Err(e) => return bad_request(format!("the body is not JSON: {e}")),
+    };
+    let named = object["metadata"]["name"].as_str().unwrap_or_default();
+    if named != name {
+        return bad_request(format!(
+            "the name of the object ({named}) does not match the name on the URL ({name})"
+        ));
+    }
+    if namespace != shared.namespace {
+        return bad_request(format!(
+            "this API server only keeps objects in namespace {:?}",
+            shared.namespace
+        ));
+    }
+    // As the real server does: an object that does not fit its type is refused.
+    fn check<T: serde::de::DeserializeOwned>(object: &Value) -> Result<(), String> {
+        serde_path_to_error::deserialize::<_, T>(object)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+    let typed = match kind {
+        Kind::Slices => check::<EndpointSlice>(&object),
+        Kind::Endpoints => check::<Endpoints>(&object),
+        Kind::Pods => check::<Pod>(&object),
+        Kind::Servers => Ok(()),
+    };
+    if let Err(e) = typed {
+        return bad_request(format!("not a valid {}: {e}", kind.resource()));
+    }
+    object["apiVersion"] = kind.api_version().into();
+    object["kind"] = kind.list_kind().trim_end_matches("List").into();
+    let stored = change(&shared, kind, object);
+    ([("content-type", "application/json")], stored.to_string()).into_response()
 }
 
-async fn endpoints(
-    state: State<Arc<Shared>>,
-    namespace: Path<String>,
-    params: Query<Params>,
+/// `DELETE .../{name}`.
+fn delete_object(
+    kind: Kind,
+    State(shared): State<Arc<Shared>>,
+    Path((_namespace, name)): Path<(String, String)>,
 ) -> Response {
-    answer(Kind::Endpoints, state, namespace, params)
+    match delete(&shared, kind, &name) {
+        Some(gone) => ([("content-type", "application/json")], gone.to_string()).into_response(),
+        None => status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("{} \"{name}\" not found", kind.resource()),
+        ),
+    }
 }
 
-async fn pods(
-    state: State<Arc<Shared>>,
-    namespace: Path<String>,
-    params: Query<Params>,
-) -> Response {
-    answer(Kind::Pods, state, namespace, params)
-}
-
-async fn servers(
-    state: State<Arc<Shared>>,
-    namespace: Path<String>,
-    params: Query<Params>,
-) -> Response {
-    answer(Kind::Servers, state, namespace, params)
+fn bad_request(message: String) -> Response {
+    status(StatusCode::BAD_REQUEST, "BadRequest", message)
 }
 
 /// `PATCH .../servers/{name}/status` with a JSON merge patch: only the
@@ -504,7 +583,7 @@ async fn server_status(
         );
     }
     let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
-        return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON".into());
+        return bad_request("not JSON".into());
     };
     let version = bump(&mut world);
     let Some(object) = world
@@ -558,17 +637,13 @@ fn answer(
     Query(params): Query<Params>,
 ) -> Response {
     let mut world = shared.world.lock().unwrap();
-    if params.watch != Some(true) {
+    if !params.is_watch() {
         world.lists += 1;
     }
     let forbid_this = world.forbid_next > 0;
     world.forbid_next = world.forbid_next.saturating_sub(1);
     if world.forbidden || forbid_this {
-        let verb = if params.watch == Some(true) {
-            "watch"
-        } else {
-            "list"
-        };
+        let verb = if params.is_watch() { "watch" } else { "list" };
         let resource = kind.resource();
         return status(
             StatusCode::FORBIDDEN,
@@ -582,7 +657,7 @@ fn answer(
     let selector = Selector::parse(&params);
     let items_in_namespace = namespace == shared.namespace;
 
-    if params.watch != Some(true) {
+    if !params.is_watch() {
         let version = world.resource_version.to_string();
         let items: Vec<Value> = world
             .objects
@@ -601,11 +676,22 @@ fn answer(
         return ([("content-type", "application/json")], list.to_string()).into_response();
     }
 
-    let since: u64 = params
-        .resource_version
-        .as_deref()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let Some(since) = params.resource_version.as_deref().filter(|v| !v.is_empty()) else {
+        // No version: the current objects, as ADDED events, then changes.
+        let current: Vec<String> = world
+            .objects
+            .entry(kind)
+            .or_default()
+            .values()
+            .filter(|object| items_in_namespace && selector.matches_object(object))
+            .map(|object| {
+                serde_json::to_string(&json!({ "type": "ADDED", "object": object })).unwrap() + "\n"
+            })
+            .collect();
+        let receiver = shared.broadcast.subscribe();
+        return watch_stream(kind, current, receiver, selector, items_in_namespace);
+    };
+    let since: u64 = since.parse().unwrap_or(0);
     if since + 1 < world.oldest_kept {
         // As after etcd compaction: the client must list again.
         let gone: WatchEvent<Value> = WatchEvent::ErrorStatus(Status {
@@ -636,6 +722,18 @@ fn answer(
     let receiver = shared.broadcast.subscribe();
     drop(world);
 
+    watch_stream(kind, replay, receiver, selector, items_in_namespace)
+}
+
+/// A watch's answer: the `first` lines, then every change from `receiver`
+/// that matches, as newline-delimited JSON, until the watches are dropped.
+fn watch_stream(
+    kind: Kind,
+    first: Vec<String>,
+    receiver: broadcast::Receiver<Broadcast>,
+    selector: Selector,
+    items_in_namespace: bool,
+) -> Response {
     let live = futures_util::stream::unfold(receiver, move |mut receiver| {
         let selector = selector.clone();
         async move {
@@ -663,7 +761,7 @@ fn answer(
             }
         }
     });
-    let lines = futures_util::stream::iter(replay)
+    let lines = futures_util::stream::iter(first)
         .chain(live)
         .map(Ok::<_, std::convert::Infallible>);
     (
@@ -694,6 +792,12 @@ fn status(code: StatusCode, reason: &str, message: String) -> Response {
 struct Selector {
     labels: Vec<(String, String)>,
     name: Option<String>,
+}
+
+impl Params {
+    fn is_watch(&self) -> bool {
+        matches!(self.watch.as_deref(), Some("true" | "1"))
+    }
 }
 
 impl Selector {
