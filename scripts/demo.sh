@@ -126,7 +126,12 @@ wait_ready "http://127.0.0.1:$admin_port/readyz" $! "$logs/loadbalancer.log"
 cat <<EOF
 
 The load balancer is watching the EndpointSlices of Service 'backend'.
-See what it sees, from another terminal, while this runs (PAUSE=1 make demo):
+A watch is one long HTTP response, a JSON event per line; the first event:
+EOF
+# --max-time ends the watch, which never ends by itself.
+(curl -sN --max-time 1 "$slices?watch=1" || true) | cut -c1-150 | sed 's/^/  /; s/$/.../'
+cat <<EOF
+See them all from another terminal while this runs (PAUSE=1 make demo):
   curl -N '$slices?watch=1'
 On kind the real API server and the EndpointSlice controller do this.
 EOF

@@ -424,7 +424,7 @@ fn record(
         resource_version: version,
         name: name_of(&object),
         labels: labels_of(&object),
-        line: serde_json::to_string(&json!({ "type": event, "object": object })).unwrap() + "\n",
+        line: event_line(event, &object),
     };
     world.history.push(change.clone());
     let _ = shared.broadcast.send(Broadcast::Change(change));
@@ -438,6 +438,12 @@ impl Drop for FakeApiServer {
             runtime.shutdown_background();
         }
     }
+}
+
+/// A `WatchEvent` line, `type` first as the real server sends it (a JSON
+/// map would sort it after `object`).
+fn event_line(event: &str, object: &Value) -> String {
+    format!("{{\"type\":\"{event}\",\"object\":{object}}}\n")
 }
 
 fn bump(world: &mut World) -> u64 {
@@ -684,9 +690,7 @@ fn answer(
             .or_default()
             .values()
             .filter(|object| items_in_namespace && selector.matches_object(object))
-            .map(|object| {
-                serde_json::to_string(&json!({ "type": "ADDED", "object": object })).unwrap() + "\n"
-            })
+            .map(|object| event_line("ADDED", object))
             .collect();
         let receiver = shared.broadcast.subscribe();
         return watch_stream(kind, current, receiver, selector, items_in_namespace);
