@@ -278,3 +278,61 @@ async fn health_is_served_on_the_admin_port_only() {
         Some(backends[0].addr.to_string().as_str())
     );
 }
+
+/// An HTTP/1.1 upstream that answers `ok` (nothing to HEAD) and counts the
+/// connections it accepted.
+async fn counting_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            counted.fetch_add(1, Ordering::SeqCst);
+            let service = hyper::service::service_fn(|_request| async {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                    Bytes::from_static(b"ok"),
+                )))
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_backend_connection_is_reused_until_it_idles_past_the_pool_timeout() {
+    use std::sync::atomic::Ordering;
+    let (upstream, accepted) = counting_upstream().await;
+    let lb = start_load_balancer(&[upstream], json!({ "poolIdleTimeoutMs": 300 }));
+    let http = Http::new();
+    for i in 0..20 {
+        // HEAD answers have no body to read: the connection goes back at once.
+        let method = if i % 2 == 0 { "GET" } else { "HEAD" };
+        let request = Request::builder()
+            .method(method)
+            .uri(lb.url("/"))
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        assert_eq!(http.send(request).await.unwrap().status, 200);
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one kept-alive connection"
+    );
+
+    // Idle for longer than poolIdleTimeoutMs: not reused. (The wait is the
+    // behaviour under test, not a guess at how long something takes.)
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(http.get(&lb.url("/")).await.status, 200);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "a fresh connection");
+}

@@ -88,6 +88,8 @@ pub struct Backend {
     pub left: AtomicBool,
     /// Woken when it leaves the set: TCP connections to it start draining.
     departure: tokio::sync::Notify,
+    /// Its open connections, idle or shared; closed when it is dropped.
+    pub connections: crate::proxy::Connections,
 }
 
 /// The immutable set of backends requests are spread over.
@@ -181,6 +183,7 @@ impl Backend {
             },
             left: AtomicBool::new(false),
             departure: tokio::sync::Notify::new(),
+            connections: crate::proxy::Connections::default(),
             pod,
         }
     }

@@ -36,6 +36,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use super::pool::Lease;
 use super::source_chain;
 use crate::metrics::InFlight;
 
@@ -86,9 +87,19 @@ pub struct Timed<B> {
     waiting: bool,
     side: Side,
     upload: Option<Arc<Upload>>,
-    /// A response counts as in flight on its backend until its body is
-    /// finished or dropped; the guard lives here for that.
-    _in_flight: Option<InFlight>,
+    /// What a response body holds until it ends.
+    held: Option<Held>,
+}
+
+/// What a response body holds until it ends: its request's place in the
+/// backend's in-flight count (released when the body is finished or
+/// dropped, so a long download counts as in flight), and the HTTP/1.1
+/// connection it came on (given back to the backend's idle connections
+/// once the body has been read to the end).
+#[derive(Debug)]
+pub struct Held {
+    pub in_flight: InFlight,
+    pub lease: Option<Lease>,
 }
 
 impl<B> Timed<B> {
@@ -103,15 +114,15 @@ impl<B> Timed<B> {
     }
 
     /// The response body of `backend`, to a request whose body (if it had
-    /// one) is `upload`; `in_flight` is released with the body.
+    /// one) is `upload`.
     pub fn from_backend(
         inner: B,
         idle: Duration,
         backend: SocketAddr,
         upload: Option<Arc<Upload>>,
-        in_flight: Option<InFlight>,
+        held: Option<Held>,
     ) -> Timed<B> {
-        Timed::new(inner, idle, Side::Backend(backend), upload, in_flight)
+        Timed::new(inner, idle, Side::Backend(backend), upload, held)
     }
 
     fn new(
@@ -119,7 +130,7 @@ impl<B> Timed<B> {
         idle: Duration,
         side: Side,
         upload: Option<Arc<Upload>>,
-        in_flight: Option<InFlight>,
+        held: Option<Held>,
     ) -> Timed<B> {
         Timed {
             inner,
@@ -128,7 +139,7 @@ impl<B> Timed<B> {
             waiting: false,
             side,
             upload,
-            _in_flight: in_flight,
+            held,
         }
     }
 
@@ -136,9 +147,12 @@ impl<B> Timed<B> {
         self.upload.as_ref().is_some_and(|upload| upload.is(state))
     }
 
-    fn finished(&self) {
+    fn finished(&mut self) {
         if let (Side::Client(_), Some(upload)) = (self.side, &self.upload) {
             upload.set(SENT);
+        }
+        if let Some(lease) = self.held.as_mut().and_then(|held| held.lease.take()) {
+            lease.give_back();
         }
     }
 

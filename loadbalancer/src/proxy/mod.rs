@@ -42,6 +42,7 @@
 
 mod body;
 pub mod headers;
+mod pool;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -57,25 +58,25 @@ use hyper::body::{Body as _, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::uri::{PathAndQuery, Scheme};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use nix::errno::Errno;
 
 use crate::balancer::{Backend, Balancer, Outcome};
 use crate::config::{BackendProtocol, Settings};
 use crate::metrics::InFlight;
-use body::{BodyError, Timed, Upload};
+use body::{BodyError, Held, Timed, Upload};
 pub use headers::{SERVED_BY, X_REQUEST_ID};
 use headers::{
     prepare_request_headers, remove_hop_by_hop, request_id, restore_upgrade, upgrade_protocol,
 };
+pub use pool::Connections;
+use pool::{ConnectError, Lease};
 
 /// The body of a response to the client: the backend's, streamed, or our
 /// own JSON error.
 pub type ProxyBody = Either<Timed<Incoming>, Full<Bytes>>;
 /// The body of a request to a backend: the client's, streamed, or none.
-type UpstreamBody = Either<Timed<Incoming>, Empty<Bytes>>;
+pub type UpstreamBody = Either<Timed<Incoming>, Empty<Bytes>>;
 
 /// Sends requests to the backends the [`Balancer`] picks.
 #[derive(Debug)]
@@ -87,10 +88,10 @@ pub struct Proxy {
     access_log: AtomicBool,
 }
 
-/// How requests are sent: the pooled client and the limits from the config.
+/// How requests are sent: the limits from the config. The connections
+/// themselves are kept per backend ([`Connections`]).
 #[derive(Debug)]
 struct Upstream {
-    client: Client<HttpConnector, UpstreamBody>,
     /// HTTP/2 to the backends (`backendProtocol: "h2c"`).
     h2c: bool,
     connect_timeout: Duration,
@@ -120,35 +121,9 @@ enum Failure {
 }
 
 impl Upstream {
-    /// From `settings`, reusing `old`'s client (and its pooled
-    /// connections) when the connection settings did not change.
-    fn new(settings: &Settings, old: Option<&Upstream>) -> Upstream {
-        let h2c = settings.backend_protocol == BackendProtocol::H2c;
-        let client = match old {
-            Some(old)
-                if old.connect_timeout == settings.connect_timeout
-                    && old.pool_idle_timeout == settings.pool_idle_timeout
-                    && old.h2c == h2c =>
-            {
-                old.client.clone()
-            }
-            _ => {
-                let mut connector = HttpConnector::new();
-                connector.set_nodelay(true);
-                connector.set_connect_timeout(Some(settings.connect_timeout));
-                Client::builder(TokioExecutor::new())
-                    // The idle timeout only takes effect with a timer to run it.
-                    .pool_timer(TokioTimer::new())
-                    .pool_idle_timeout(settings.pool_idle_timeout)
-                    // h2c: prior knowledge, one connection per backend
-                    // carrying every request to it at once.
-                    .http2_only(h2c)
-                    .build(connector)
-            }
-        };
+    fn new(settings: &Settings) -> Upstream {
         Upstream {
-            client,
-            h2c,
+            h2c: settings.backend_protocol == BackendProtocol::H2c,
             connect_timeout: settings.connect_timeout,
             pool_idle_timeout: settings.pool_idle_timeout,
             request_timeout: settings.request_timeout,
@@ -162,7 +137,7 @@ impl Proxy {
     pub fn new(balancer: Arc<Balancer>, settings: &Settings) -> Proxy {
         Proxy {
             balancer,
-            upstream: ArcSwap::from_pointee(Upstream::new(settings, None)),
+            upstream: ArcSwap::from_pointee(Upstream::new(settings)),
             access_log: AtomicBool::new(settings.access_log),
         }
     }
@@ -170,9 +145,7 @@ impl Proxy {
     /// Applies changed timeouts, retries and `accessLog` to the requests
     /// that start from now on; requests in flight finish as they began.
     pub fn configure(&self, settings: &Settings) {
-        let old = self.upstream.load();
-        self.upstream
-            .store(Arc::new(Upstream::new(settings, Some(&old))));
+        self.upstream.store(Arc::new(Upstream::new(settings)));
         self.access_log.store(settings.access_log, Relaxed);
     }
 
@@ -265,8 +238,8 @@ impl Proxy {
             );
 
             let in_flight = InFlight::start(backend.clone());
-            match send(&upstream, outgoing, client_upgrade.is_some()).await {
-                Ok(response) => break Ok((backend, response, in_flight)),
+            match send(&upstream, &backend, outgoing, client_upgrade.is_some()).await {
+                Ok((response, lease)) => break Ok((backend, response, in_flight, lease)),
                 Err(failure) if self.retry_after(&failure, &backend, may_retry, idempotent) => {
                     tried.push(backend.addr);
                     last_failure = Some((backend, failure));
@@ -278,7 +251,7 @@ impl Proxy {
         // `counted` is the backend the answer is counted against: the one
         // that answered, or failed to; not one blameless for the failure.
         let (backend, counted, mut response) = match outcome {
-            Ok((backend, response, in_flight)) => {
+            Ok((backend, response, in_flight, lease)) => {
                 let outcome = if response.status().is_server_error() {
                     Outcome::ServerError
                 } else {
@@ -292,7 +265,7 @@ impl Proxy {
                     upstream.body_idle_timeout,
                     client_upgrade.take(),
                     upload,
-                    in_flight,
+                    Held { in_flight, lease },
                 );
                 (Some(backend.clone()), Some(backend), response)
             }
@@ -361,16 +334,25 @@ impl Proxy {
     }
 }
 
-/// Sends one attempt and waits for the response head.
+/// Sends one attempt and waits for the response head. An HTTP/1.1
+/// connection comes back with the response, lent until its body is read.
 async fn send(
     upstream: &Upstream,
+    backend: &Arc<Backend>,
     request: Request<UpstreamBody>,
     asked_to_upgrade: bool,
-) -> Result<Response<Incoming>, Failure> {
-    let request = upstream.client.request(request);
-    let response = match tokio::time::timeout(upstream.request_timeout, request).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(e)) => return Err(classify(&e)),
+) -> Result<(Response<Incoming>, Option<Lease>), Failure> {
+    let exchange = async {
+        if upstream.h2c {
+            send_http2(upstream, backend, request)
+                .await
+                .map(|r| (r, None))
+        } else {
+            send_http1(upstream, backend, request).await
+        }
+    };
+    let (response, lease) = match tokio::time::timeout(upstream.request_timeout, exchange).await {
+        Ok(result) => result?,
         Err(_elapsed) => return Err(Failure::TimedOut),
     };
     if response.status() == StatusCode::SWITCHING_PROTOCOLS && !asked_to_upgrade {
@@ -378,7 +360,70 @@ async fn send(
             "it answered 101 Switching Protocols to a request that did not ask to upgrade".into(),
         ));
     }
-    Ok(response)
+    Ok((response, lease))
+}
+
+async fn send_http1(
+    upstream: &Upstream,
+    backend: &Arc<Backend>,
+    mut request: Request<UpstreamBody>,
+) -> Result<(Response<Incoming>, Option<Lease>), Failure> {
+    loop {
+        let (mut sender, reused) = backend
+            .connections
+            .http1(
+                backend.addr,
+                upstream.connect_timeout,
+                upstream.pool_idle_timeout,
+            )
+            .await
+            .map_err(|e| connect_failure(&e))?;
+        if let Err(error) = sender.ready().await {
+            if reused {
+                // An idle connection the backend has just closed: take another.
+                continue;
+            }
+            return Err(Failure::Unreachable(source_chain(&error)));
+        }
+        match sender.try_send_request(request).await {
+            Ok(response) => {
+                let lease = Lease::new(sender, backend.clone(), upstream.pool_idle_timeout);
+                return Ok((response, Some(lease)));
+            }
+            Err(mut error) => match error.take_message() {
+                // Not sent: an idle connection closed under us. Nothing
+                // reached the backend, so try a fresh connection.
+                Some(unsent) if reused => request = unsent,
+                _ => return Err(send_failure(error.error())),
+            },
+        }
+    }
+}
+
+async fn send_http2(
+    upstream: &Upstream,
+    backend: &Backend,
+    mut request: Request<UpstreamBody>,
+) -> Result<Response<Incoming>, Failure> {
+    // Once: a connection that refuses a request unsent is made anew.
+    for last_try in [false, true] {
+        let mut sender = backend
+            .connections
+            .http2(backend.addr, upstream.connect_timeout)
+            .await
+            .map_err(|e| connect_failure(&e))?;
+        match sender.try_send_request(request).await {
+            Ok(response) => return Ok(response),
+            Err(mut error) => match error.take_message() {
+                Some(unsent) if !last_try => {
+                    backend.connections.drop_http2();
+                    request = unsent;
+                }
+                _ => return Err(send_failure(error.error())),
+            },
+        }
+    }
+    unreachable!("the last try returns")
 }
 
 /// The backend's response, made ready for the client: hop-by-hop headers
@@ -390,13 +435,15 @@ fn relay(
     idle: Duration,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     upload: Option<Arc<Upload>>,
-    in_flight: InFlight,
+    mut held: Held,
 ) -> Response<ProxyBody> {
     if let Some(client_side) = client_upgrade
         && response.status() == StatusCode::SWITCHING_PROTOCOLS
     {
         let backend_side = hyper::upgrade::on(&mut response);
         tokio::spawn(tunnel(client_side, backend_side, backend.addr));
+        // The connection is the tunnel's now, never to be pooled again.
+        held.lease = None;
         let protocol = upgrade_protocol(response.headers());
         remove_hop_by_hop(response.headers_mut());
         restore_upgrade(response.headers_mut(), protocol.as_ref());
@@ -405,13 +452,19 @@ fn relay(
     }
     // In the client's version, whatever the backend spoke.
     *response.version_mut() = version;
+    // A body with nothing to read (HEAD, 204, 304) ends here.
+    if response.body().is_end_stream()
+        && let Some(lease) = held.lease.take()
+    {
+        lease.give_back();
+    }
     response.map(|body| {
         Either::Left(Timed::from_backend(
             body,
             idle,
             backend.addr,
             upload,
-            Some(in_flight),
+            Some(held),
         ))
     })
 }
@@ -498,13 +551,9 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// Whose fault a failed request was, from hyper's error and its causes.
-fn classify(error: &hyper_util::client::legacy::Error) -> Failure {
-    if let Some(body) = find_cause::<BodyError>(error) {
-        return Failure::Client(body.clone());
-    }
-    // Out of file descriptors, of kernel buffers or memory, or of local
-    // ports to connect from: all local, whichever backend we asked.
+/// Out of file descriptors, of kernel buffers or memory, or of local ports
+/// to connect from: all local, whichever backend we asked.
+fn is_local(error: &(dyn std::error::Error + 'static)) -> bool {
     const LOCAL: [Errno; 5] = [
         Errno::EMFILE,
         Errno::ENFILE,
@@ -512,14 +561,28 @@ fn classify(error: &hyper_util::client::legacy::Error) -> Failure {
         Errno::ENOMEM,
         Errno::EADDRNOTAVAIL,
     ];
-    let os_error = find_cause::<std::io::Error>(error).and_then(std::io::Error::raw_os_error);
-    let cause = source_chain(error);
-    if os_error.is_some_and(|code| LOCAL.contains(&Errno::from_raw(code))) {
-        Failure::Local(cause)
-    } else if error.is_connect() {
-        Failure::Unreachable(cause)
+    find_cause::<std::io::Error>(error)
+        .and_then(std::io::Error::raw_os_error)
+        .is_some_and(|code| LOCAL.contains(&Errno::from_raw(code)))
+}
+
+/// No connection to the backend: nothing was sent.
+fn connect_failure(error: &ConnectError) -> Failure {
+    if is_local(error) {
+        Failure::Local(source_chain(error))
     } else {
-        Failure::Failed(cause)
+        Failure::Unreachable(source_chain(error))
+    }
+}
+
+/// Whose fault a failed exchange was, from hyper's error and its causes.
+fn send_failure(error: &hyper::Error) -> Failure {
+    if let Some(body) = find_cause::<BodyError>(error) {
+        Failure::Client(body.clone())
+    } else if is_local(error) {
+        Failure::Local(source_chain(error))
+    } else {
+        Failure::Failed(source_chain(error))
     }
 }
 
@@ -545,20 +608,29 @@ fn build_request(
     body: UpstreamBody,
     h2c: bool,
 ) -> Request<UpstreamBody> {
-    let mut uri = hyper::http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(backend.authority.clone());
-    uri.path_and_query = Some(path);
     let mut request = Request::new(body);
     *request.method_mut() = method.clone();
-    // Scheme, authority and path are all set, so this cannot fail.
-    *request.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
-    *request.version_mut() = if h2c {
-        Version::HTTP_2
+    if h2c {
+        // HTTP/2 sends scheme and authority as pseudo-headers.
+        let mut uri = hyper::http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(backend.authority.clone());
+        uri.path_and_query = Some(path);
+        // Scheme, authority and path are all set, so this cannot fail.
+        *request.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
+        *request.version_mut() = Version::HTTP_2;
     } else {
-        Version::HTTP_11
-    };
+        // HTTP/1.1 sends the path alone (origin form) and names the host in
+        // `Host`; an HTTP/1.0 client may have sent none.
+        *request.uri_mut() = Uri::from(path);
+        *request.version_mut() = Version::HTTP_11;
+    }
     *request.headers_mut() = headers;
+    if !h2c && !request.headers().contains_key(header::HOST) {
+        request
+            .headers_mut()
+            .insert(header::HOST, backend.label.clone());
+    }
     request
 }
 
