@@ -31,7 +31,7 @@ use crate::admin::{self, AdminState, Readiness};
 use crate::balancer::Balancer;
 use crate::config::{Cli, Mode, Settings};
 use crate::discovery::{self, DiscoveryError};
-use crate::proxy::Proxy;
+use crate::proxy::{Peer, Proxy};
 use crate::reload::Live;
 use crate::tcp::TcpProxy;
 
@@ -158,11 +158,13 @@ pub async fn run(
     }
 
     let server = Server::new(settings.header_read_timeout);
-    let service_for = |peer: SocketAddr| {
+    let service_for = |addr: SocketAddr| {
         let proxy = proxy.clone();
+        let peer = Arc::new(Peer::new(addr));
         service_fn(move |request| {
             let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(request, peer).await) }
+            let peer = peer.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(request, &peer).await) }
         })
     };
 

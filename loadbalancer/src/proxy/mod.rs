@@ -78,6 +78,22 @@ pub type ProxyBody = Either<Timed<Incoming>, Full<Bytes>>;
 /// The body of a request to a backend: the client's, streamed, or none.
 pub type UpstreamBody = Either<Timed<Incoming>, Empty<Bytes>>;
 
+/// A client connection's address, with its IP as `X-Forwarded-For` writes
+/// it: formatted once per connection, not once per request.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    ip: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        let ip = HeaderValue::try_from(addr.ip().to_string())
+            .unwrap_or(HeaderValue::from_static("unknown"));
+        Peer { addr, ip }
+    }
+}
+
 /// Sends requests to the backends the [`Balancer`] picks.
 #[derive(Debug)]
 pub struct Proxy {
@@ -150,11 +166,7 @@ impl Proxy {
     }
 
     /// Answers one client request, from a backend or with a JSON error.
-    pub async fn handle(
-        &self,
-        mut request: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Response<ProxyBody> {
+    pub async fn handle(&self, mut request: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
         let start = Instant::now();
         let upstream = self.upstream.load_full();
         if request.method() == Method::CONNECT {
@@ -188,7 +200,7 @@ impl Proxy {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        prepare_request_headers(&mut parts.headers, peer.ip(), upgrade.as_ref());
+        prepare_request_headers(&mut parts.headers, &peer.ip, upgrade.as_ref());
         // gRPC servers want `te: trailers`, the one TE an HTTP/2 hop keeps.
         if wants_trailers {
             parts
@@ -202,7 +214,7 @@ impl Proxy {
         let upload = (!replayable).then(Arc::<Upload>::default);
         let mut body = upload
             .clone()
-            .map(|upload| Timed::from_client(body, upstream.body_idle_timeout, peer, upload));
+            .map(|upload| Timed::from_client(body, upstream.body_idle_timeout, peer.addr, upload));
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_failure = None;
 
@@ -369,15 +381,17 @@ async fn send_http1(
     mut request: Request<UpstreamBody>,
 ) -> Result<(Response<Incoming>, Option<Lease>), Failure> {
     loop {
-        let (mut sender, reused) = backend
-            .connections
-            .http1(
-                backend.addr,
-                upstream.connect_timeout,
-                upstream.pool_idle_timeout,
-            )
-            .await
-            .map_err(|e| connect_failure(&e))?;
+        // The usual case, an idle connection, is not `async`: no future to
+        // build and move.
+        let (mut sender, reused) = match backend.connections.take_idle(upstream.pool_idle_timeout) {
+            Some(sender) => (sender, true),
+            None => {
+                let sender = Connections::connect_http1(backend.addr, upstream.connect_timeout)
+                    .await
+                    .map_err(|e| connect_failure(&e))?;
+                (sender, false)
+            }
+        };
         if let Err(error) = sender.ready().await {
             if reused {
                 // An idle connection the backend has just closed: take another.

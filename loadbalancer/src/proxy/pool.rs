@@ -63,16 +63,11 @@ pub enum ConnectError {
 }
 
 impl Connections {
-    /// An idle HTTP/1.1 connection (`true`: it was used before) or a new one.
-    pub async fn http1(
-        &self,
+    /// A new HTTP/1.1 connection to `addr`.
+    pub async fn connect_http1(
         addr: SocketAddr,
         connect_timeout: Duration,
-        idle_timeout: Duration,
-    ) -> Result<(Http1, bool), ConnectError> {
-        if let Some(sender) = self.take_idle(idle_timeout) {
-            return Ok((sender, true));
-        }
+    ) -> Result<Http1, ConnectError> {
         let stream = connect(addr, connect_timeout).await?;
         // The handshake of HTTP/1.1 sends nothing, so it cannot fail here.
         let (sender, connection) = http1::Builder::new()
@@ -85,10 +80,12 @@ impl Connections {
                 tracing::debug!(backend = %addr, %error, "backend connection ended");
             }
         });
-        Ok((sender, false))
+        Ok(sender)
     }
 
-    fn take_idle(&self, idle_timeout: Duration) -> Option<Http1> {
+    /// The most recently used idle HTTP/1.1 connection, if one is still
+    /// open and was idle for less than `idle_timeout`.
+    pub fn take_idle(&self, idle_timeout: Duration) -> Option<Http1> {
         let mut idle = lock(&self.idle);
         while let Some((sender, since)) = idle.pop_back() {
             if since.elapsed() >= idle_timeout {
