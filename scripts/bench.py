@@ -151,11 +151,14 @@ def measure(name, url, proxy):
     return results
 
 
-def nginx_config(tmp, port, upstreams):
+def nginx_config(tmp, port, upstreams, master=True):
+    """nginx as a round-robin reverse proxy; without `master`, the worker is
+    the only process (as callgrind needs)."""
     servers = "\n".join(f"    server {u};" for u in upstreams)
-    conf = Path(tmp) / "nginx.conf"
+    conf = Path(tmp) / ("nginx.conf" if master else "nginx-single.conf")
     conf.write_text(f"""
 worker_processes 1;
+{"" if master else "master_process off;"}
 daemon off;
 pid {tmp}/nginx.pid;
 error_log stderr warn;
@@ -212,6 +215,24 @@ backend backends
     return conf
 
 
+def instructions_per_request(command, url, env=None):
+    """User-space instructions per keep-alive request, counted by callgrind:
+    repeatable where CPU times vary by 10% from run to run. The difference
+    between a run of 11,000 requests and one of 1,000, so startup cancels."""
+    totals = []
+    for n in (1000, 11000):
+        out = Path(tempfile.mkdtemp(prefix="bench-callgrind-")) / "out"
+        process = start(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command],
+                        PROXY_CPU, env)
+        wait_http(url, process)
+        subprocess.run(["taskset", "-c", LOAD_CPU, "h2load", "--h1", "-n", str(n), "-c", "4", url],
+                       check=True, capture_output=True)
+        process.terminate()
+        process.wait(timeout=120)
+        totals.append(int(re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M).group(1)))
+    return (totals[1] - totals[0]) / 10000
+
+
 def upload_gib(url, proxy):
     """Streams 1 GiB through /echo and returns the proxy's peak RSS after."""
     chunk = b"\0" * (1 << 20)
@@ -239,7 +260,7 @@ def upload_gib(url, proxy):
 
 
 def main():
-    ensure_tools()
+    ensure_tools([("valgrind", "valgrind"), ("h2load", "nghttp2-client")])
     say("==> cargo build --release -p backend -p loadbalancer")
     subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "backend", "-p", "loadbalancer"],
                    cwd=ROOT, check=True)
@@ -280,6 +301,17 @@ def main():
         "nginx": measure("nginx", f"http://127.0.0.1:{nginx_port}{PAGE_PATH}", nginx),
         "loadbalancer, access log": measure("lb, logging", f"http://127.0.0.1:{logged_port}{PAGE_PATH}", logged),
     }
+    say("==> counting user-space instructions per keep-alive request with callgrind")
+    counted_port, counted_admin, single_port = free_port(), free_port(), free_port()
+    results["instructions_per_request"] = {
+        "loadbalancer": instructions_per_request(
+            [str(release / "loadbalancer"), "--host", "127.0.0.1", "--port", str(counted_port),
+             "--admin-port", str(counted_admin), "--backends", ",".join(upstreams)],
+            f"http://127.0.0.1:{counted_port}/", quiet),
+        "nginx": instructions_per_request(
+            ["nginx", "-p", tmp, "-c", str(nginx_config(tmp, single_port, upstreams, master=False))],
+            f"http://127.0.0.1:{single_port}/"),
+    }
     say("==> streaming a 1 GiB upload through the load balancer")
     rss, echoed = upload_gib(f"http://127.0.0.1:{lb_port}/", lb)
     results["upload_1gib"] = {"echoed_bytes": echoed, "peak_rss_mib": rss}
@@ -309,6 +341,10 @@ def report(results):
         extra = logged["cpu_us_per_request"] / quiet["cpu_us_per_request"] - 1
         say(f"access log on, {mode}: CPU per request {logged['cpu_us_per_request']:.1f} µs, "
             f"{100 * extra:+.0f}% over off (target: under +10%), {logged['errors']} errors")
+    counted = results["instructions_per_request"]
+    say(f"\nuser-space instructions per keep-alive request (callgrind): loadbalancer "
+        f"{counted['loadbalancer']:.0f}, nginx {counted['nginx']:.0f}, "
+        f"{counted['loadbalancer'] / counted['nginx']:.2f}x")
     upload = results["upload_1gib"]
     say(f"\n1 GiB upload through the load balancer: {upload['echoed_bytes']} bytes received back, "
         f"peak RSS {upload['peak_rss_mib']:.1f} MiB")

@@ -92,7 +92,9 @@ pub fn init(level: &str, format: LogFormat) -> Logging {
     let output = tracing_subscriber::fmt::layer().with_writer(writer);
     let output = match format {
         LogFormat::Json => output.json().flatten_event(true).boxed(),
-        LogFormat::Text => output.with_ansi(std::io::stdout().is_terminal()).boxed(),
+        // Colours for a person at a terminal.
+        LogFormat::Text if std::io::stdout().is_terminal() => output.boxed(),
+        LogFormat::Text => output.with_ansi(false).fmt_fields(plain_fields()).boxed(),
     };
     tracing_subscriber::registry()
         .with(filter)
@@ -103,6 +105,22 @@ pub fn init(level: &str, format: LogFormat) -> Logging {
         env_level,
         _writer: guard,
     }
+}
+
+/// `key=value` fields, unstyled. The default field formatter runs every
+/// field name through a styler even with colours off: a third of the cost
+/// of an access log line (callgrind).
+fn plain_fields()
+-> impl for<'writer> tracing_subscriber::fmt::FormatFields<'writer> + Send + Sync + 'static {
+    use tracing_subscriber::field::MakeExt as _;
+    tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+        if field.name() == "message" {
+            write!(writer, "{value:?}")
+        } else {
+            write!(writer, "{field}={value:?}")
+        }
+    })
+    .delimited(" ")
 }
 
 impl Logging {

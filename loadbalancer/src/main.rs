@@ -6,11 +6,6 @@ use clap::Parser;
 use loadbalancer::config::{Cli, Settings};
 use loadbalancer::server::{self, Listeners};
 
-// Every request allocates a little (headers, buffers, futures); mimalloc's
-// per-thread free lists make that cheaper than glibc's malloc (`make bench`).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let settings = match Settings::load(&cli) {

@@ -685,7 +685,7 @@ fn log(
         path = request.uri.path(),
         backend = backend.map_or("none", Backend::label_str),
         status = status.as_u16(),
-        latency = ?start.elapsed(),
+        latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
         retries,
         request_id = request_id.to_str().unwrap_or(""),
         "proxied"
