@@ -381,8 +381,7 @@ async fn send_http1(
     mut request: Request<UpstreamBody>,
 ) -> Result<(Response<Incoming>, Option<Lease>), Failure> {
     loop {
-        // The usual case, an idle connection, is not `async`: no future to
-        // build and move.
+        // An idle connection if the backend has one, else a new one.
         let (mut sender, reused) = match backend.connections.take_idle(upstream.pool_idle_timeout) {
             Some(sender) => (sender, true),
             None => {
@@ -419,8 +418,10 @@ async fn send_http2(
     backend: &Backend,
     mut request: Request<UpstreamBody>,
 ) -> Result<Response<Incoming>, Failure> {
-    // Once: a connection that refuses a request unsent is made anew.
-    for last_try in [false, true] {
+    // A connection that gives a request back unsent (it is going away) is
+    // made anew, once.
+    let mut made_anew = false;
+    loop {
         let mut sender = backend
             .connections
             .http2(backend.addr, upstream.connect_timeout)
@@ -429,15 +430,15 @@ async fn send_http2(
         match sender.try_send_request(request).await {
             Ok(response) => return Ok(response),
             Err(mut error) => match error.take_message() {
-                Some(unsent) if !last_try => {
+                Some(unsent) if !made_anew => {
                     backend.connections.drop_http2();
                     request = unsent;
+                    made_anew = true;
                 }
                 _ => return Err(send_failure(error.error())),
             },
         }
     }
-    unreachable!("the last try returns")
 }
 
 /// The backend's response, made ready for the client: hop-by-hop headers
