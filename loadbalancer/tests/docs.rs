@@ -351,17 +351,21 @@ fn every_config_field_the_docs_name_is_accepted_by_a_config() {
     assert!(!known(load_balancer, "algorithmm"));
 }
 
-/// `make TARGET [VAR=value...]` lines in code blocks, as argument lists.
+/// `make TARGET [VAR=value...]` in code blocks and inline code, as
+/// argument lists.
 fn make_commands(pages: &[Page]) -> BTreeSet<Vec<String>> {
     let mut commands = BTreeSet::new();
     for page in pages {
-        for (_, body) in page.blocks() {
-            for line in body.lines() {
-                let line = line.trim().trim_start_matches("$ ");
-                let line = line.split("  #").next().unwrap().trim();
-                if let Some(args) = line.strip_prefix("make ") {
-                    commands.insert(args.split_whitespace().map(str::to_owned).collect());
-                }
+        let block_lines: Vec<String> = page
+            .blocks()
+            .into_iter()
+            .flat_map(|(_, body)| body.lines().map(str::to_owned).collect::<Vec<_>>())
+            .collect();
+        for line in block_lines.iter().chain(&page.code_spans()) {
+            let line = line.trim().trim_start_matches("$ ");
+            let line = line.split("  #").next().unwrap().trim();
+            if let Some(args) = line.strip_prefix("make ") {
+                commands.insert(args.split_whitespace().map(str::to_owned).collect());
             }
         }
     }
