@@ -103,13 +103,25 @@ def cpu_seconds(pids):
     return total / CLOCK_TICKS
 
 
-def peak_rss_mib(pids):
+def status_mib(pids, field):
+    """The sum of a memory `field` of /proc/PID/status (VmRSS, VmHWM), in MiB."""
     total = 0
     for pid in pids:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 total += int(line.split()[1])
     return total / 1024
+
+
+def peak_rss_mib(pids):
+    return status_mib(pids, "VmHWM")
+
+
+def build_release():
+    """Builds both binaries in release mode; returns where they are."""
+    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "backend", "-p", "loadbalancer"],
+                   cwd=ROOT, check=True)
+    return ROOT / "target" / "release"
 
 
 def to_ms(text):
@@ -262,9 +274,7 @@ def upload_gib(url, proxy):
 def main():
     ensure_tools([("valgrind", "valgrind"), ("h2load", "nghttp2-client")])
     say("==> cargo build --release -p backend -p loadbalancer")
-    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "backend", "-p", "loadbalancer"],
-                   cwd=ROOT, check=True)
-    release = ROOT / "target" / "release"
+    release = build_release()
     quiet = {"RUST_LOG": "warn"}
 
     upstreams = []

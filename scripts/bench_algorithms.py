@@ -137,9 +137,7 @@ def main():
     os.sched_setaffinity(0, {int(bench.LOAD_CPU)})
     if not shutil.which("redis-server"):
         sys.exit("bench: redis-server is needed (apt-get install redis-server)")
-    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "backend", "-p", "loadbalancer"],
-                   cwd=ROOT, check=True)
-    release = ROOT / "target" / "release"
+    release = bench.build_release()
     tmp = tempfile.mkdtemp(prefix="bench-algorithms-")
 
     backends = []

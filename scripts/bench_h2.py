@@ -51,9 +51,7 @@ def measure(port, process):
 
 def main():
     bench.ensure_tools([("h2load", "nghttp2-client"), ("haproxy", "haproxy")])
-    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "backend", "-p", "loadbalancer"],
-                   cwd=ROOT, check=True)
-    release = ROOT / "target" / "release"
+    release = bench.build_release()
     tmp = tempfile.mkdtemp(prefix="bench-h2-")
     quiet = {"RUST_LOG": "warn"}
 

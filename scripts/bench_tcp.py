@@ -26,7 +26,6 @@ import json
 import os
 import resource
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -55,15 +54,6 @@ def wait_tcp(port, process):
         except OSError:
             time.sleep(0.05)
     sys.exit(f"bench: 127.0.0.1:{port} did not greet within 15 s")
-
-
-def rss_mib(pids):
-    total = 0
-    for pid in pids:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total / 1024
 
 
 def greet(port):
@@ -139,9 +129,9 @@ def cpu_per_connection(port, process):
 
 def memory(port, process):
     pids = bench.pids_of(process)
-    base = rss_mib(pids)
+    base = bench.status_mib(pids, "VmRSS")
     idle = [greet(port) for _ in range(IDLE)]
-    held = rss_mib(pids)
+    held = bench.status_mib(pids, "VmRSS")
     for s in idle:
         s.close()
     return base, held
@@ -214,9 +204,7 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     # The clients run in this process: on the load core, never beside the proxy.
     os.sched_setaffinity(0, {int(bench.LOAD_CPU)})
-    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "backend", "-p", "loadbalancer"],
-                   cwd=ROOT, check=True)
-    release = ROOT / "target" / "release"
+    release = bench.build_release()
     tmp = tempfile.mkdtemp(prefix="bench-tcp-")
     quiet = {"RUST_LOG": "warn"}
 

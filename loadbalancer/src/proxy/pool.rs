@@ -117,11 +117,6 @@ impl Connections {
         idle.push_back((sender, now));
     }
 
-    /// How many idle HTTP/1.1 connections are kept.
-    pub fn idle(&self) -> usize {
-        lock(&self.idle).len()
-    }
-
     /// The backend's HTTP/2 connection, made if there is none.
     pub async fn http2(
         &self,
