@@ -297,7 +297,7 @@ impl Proxy {
             headers.insert(SERVED_BY, backend.label.clone());
         }
         headers.insert(X_REQUEST_ID, request_id.clone());
-        if self.access_log.load(Relaxed) {
+        if self.access_log.load(Relaxed) && tracing::enabled!(tracing::Level::INFO) {
             log(
                 &parts,
                 backend.as_deref(),
@@ -673,6 +673,7 @@ pub fn error(status: StatusCode, message: &str) -> Response<ProxyBody> {
     response
 }
 
+/// The access log: one `proxied` line per request.
 fn log(
     request: &hyper::http::request::Parts,
     backend: Option<&Backend>,
@@ -681,16 +682,17 @@ fn log(
     retries: usize,
     request_id: &HeaderValue,
 ) {
-    tracing::info!(
-        method = %request.method,
-        path = request.uri.path(),
-        backend = backend.map_or("none", Backend::label_str),
-        status = status.as_u16(),
-        latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
-        retries,
-        request_id = request_id.to_str().unwrap_or(""),
-        "proxied"
-    );
+    // As `tracing::info!(method = %.., path = .., ...)` would write it,
+    // for a tenth of the cost (see `common::telemetry::line`).
+    common::telemetry::line::info(module_path!(), "proxied", |line| {
+        line.display("method", request.method.as_str())
+            .str("path", request.uri.path())
+            .str("backend", backend.map_or("none", Backend::label_str))
+            .u64("status", status.as_u16().into())
+            .u64("latency_us", start.elapsed().as_micros() as u64)
+            .u64("retries", retries as u64)
+            .str("request_id", request_id.to_str().unwrap_or(""));
+    });
 }
 
 /// Copies bytes both ways between an upgraded client and backend connection.
