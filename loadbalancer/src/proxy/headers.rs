@@ -72,13 +72,26 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
     }
-    let named: Vec<HeaderName> = headers
+    // One pass over the names, then a removal for each one found: usually
+    // just `connection`, rather than a hashed removal for every name that
+    // might be there.
+    let listed: Vec<&str> = headers
         .get_all(header::CONNECTION)
         .iter()
         .flat_map(|v| v.to_str().unwrap_or("").split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .map(str::trim)
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            HOP_BY_HOP.contains(name)
+                || listed
+                    .iter()
+                    .any(|token| token.eq_ignore_ascii_case(name.as_str()))
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
         headers.remove(name);
     }
 }
