@@ -86,6 +86,20 @@ def wait_http(url, process):
     sys.exit(f"bench: {url} did not answer within 15 s")
 
 
+def wait_h2(url, process):
+    """As `wait_http`, over HTTP/2 with prior knowledge (HAProxy's h2 port
+    answers nothing else)."""
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"bench: {process.args} exited: {process.stderr.read().decode()}")
+        done = subprocess.run(["h2load", "-n1", "-c1", url], capture_output=True, text=True).stdout
+        if "1 succeeded" in done:
+            return
+        time.sleep(0.05)
+    sys.exit(f"bench: {url} did not answer HTTP/2 within 15 s")
+
+
 def pids_of(process):
     """The process and its children (nginx's worker)."""
     pids = [process.pid]
@@ -227,22 +241,35 @@ backend backends
     return conf
 
 
-def instructions_per_request(command, url, env=None):
-    """User-space instructions per keep-alive request, counted by callgrind:
-    repeatable where CPU times vary by 10% from run to run. The difference
-    between a run of 11,000 requests and one of 1,000, so startup cancels."""
-    totals = []
-    for n in (1000, 11000):
+def instructions_per_request(command, url, env=None, load="keep-alive"):
+    """User-space instructions per request, counted by callgrind: repeatable
+    where CPU times vary by 10% from run to run. The difference between a
+    short run and a long one, so startup cancels out. `load`: "keep-alive"
+    (h2load --h1, 1,000 and 11,000 requests), "new connection" (wrk with
+    `Connection: close` for 2 s and 6 s) or "h2" (h2load, 16 streams per
+    connection)."""
+    totals, requests = [], []
+    for short_or_long in (0, 1):
         out = Path(tempfile.mkdtemp(prefix="bench-callgrind-")) / "out"
         process = start(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command],
                         PROXY_CPU, env)
-        wait_http(url, process)
-        subprocess.run(["taskset", "-c", LOAD_CPU, "h2load", "--h1", "-n", str(n), "-c", "4", url],
-                       check=True, capture_output=True)
+        (wait_h2 if load == "h2" else wait_http)(url, process)
+        if load == "new connection":
+            seconds = (2, 6)[short_or_long]
+            done = subprocess.run(["taskset", "-c", LOAD_CPU, "wrk", "-t1", "-c4", f"-d{seconds}s",
+                                   "-H", "Connection: close", url],
+                                  check=True, capture_output=True, text=True).stdout
+            requests.append(int(re.search(r"(\d+) requests in", done).group(1)))
+        else:
+            n = (1000, 11000)[short_or_long]
+            streams = ["-m", "16"] if load == "h2" else ["--h1"]
+            subprocess.run(["taskset", "-c", LOAD_CPU, "h2load", *streams, "-n", str(n), "-c", "4", url],
+                           check=True, capture_output=True)
+            requests.append(n)
         process.terminate()
         process.wait(timeout=120)
         totals.append(int(re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M).group(1)))
-    return (totals[1] - totals[0]) / 10000
+    return (totals[1] - totals[0]) / (requests[1] - requests[0])
 
 
 def upload_gib(url, proxy):
@@ -311,16 +338,17 @@ def main():
         "nginx": measure("nginx", f"http://127.0.0.1:{nginx_port}{PAGE_PATH}", nginx),
         "loadbalancer, access log": measure("lb, logging", f"http://127.0.0.1:{logged_port}{PAGE_PATH}", logged),
     }
-    say("==> counting user-space instructions per keep-alive request with callgrind")
+    say("==> counting user-space instructions per request with callgrind")
     counted_port, counted_admin, single_port = free_port(), free_port(), free_port()
+    counted_lb = [str(release / "loadbalancer"), "--host", "127.0.0.1", "--port", str(counted_port),
+                  "--admin-port", str(counted_admin), "--backends", ",".join(upstreams)]
+    single_nginx = ["nginx", "-p", tmp, "-c", str(nginx_config(tmp, single_port, upstreams, master=False))]
     results["instructions_per_request"] = {
-        "loadbalancer": instructions_per_request(
-            [str(release / "loadbalancer"), "--host", "127.0.0.1", "--port", str(counted_port),
-             "--admin-port", str(counted_admin), "--backends", ",".join(upstreams)],
-            f"http://127.0.0.1:{counted_port}/", quiet),
-        "nginx": instructions_per_request(
-            ["nginx", "-p", tmp, "-c", str(nginx_config(tmp, single_port, upstreams, master=False))],
-            f"http://127.0.0.1:{single_port}/"),
+        mode: {
+            "loadbalancer": instructions_per_request(counted_lb, f"http://127.0.0.1:{counted_port}/", quiet, load),
+            "nginx": instructions_per_request(single_nginx, f"http://127.0.0.1:{single_port}/", load=load),
+        }
+        for mode, load in [("keep-alive", "keep-alive"), ("new connection per request", "new connection")]
     }
     say("==> streaming a 1 GiB upload through the load balancer")
     rss, echoed = upload_gib(f"http://127.0.0.1:{lb_port}/", lb)
@@ -351,10 +379,11 @@ def report(results):
         extra = logged["cpu_us_per_request"] / quiet["cpu_us_per_request"] - 1
         say(f"access log on, {mode}: CPU per request {logged['cpu_us_per_request']:.1f} µs, "
             f"{100 * extra:+.0f}% over off (target: under +10%), {logged['errors']} errors")
-    counted = results["instructions_per_request"]
-    say(f"\nuser-space instructions per keep-alive request (callgrind): loadbalancer "
-        f"{counted['loadbalancer']:.0f}, nginx {counted['nginx']:.0f}, "
-        f"{counted['loadbalancer'] / counted['nginx']:.2f}x")
+    say("")
+    for mode, counted in results["instructions_per_request"].items():
+        say(f"user-space instructions per request, {mode} (callgrind): loadbalancer "
+            f"{counted['loadbalancer']:.0f}, nginx {counted['nginx']:.0f}, "
+            f"{counted['loadbalancer'] / counted['nginx']:.2f}x")
     upload = results["upload_1gib"]
     say(f"\n1 GiB upload through the load balancer: {upload['echoed_bytes']} bytes received back, "
         f"peak RSS {upload['peak_rss_mib']:.1f} MiB")

@@ -50,7 +50,7 @@ def measure(port, process):
 
 
 def main():
-    bench.ensure_tools([("h2load", "nghttp2-client"), ("haproxy", "haproxy")])
+    bench.ensure_tools([("h2load", "nghttp2-client"), ("haproxy", "haproxy"), ("valgrind", "valgrind")])
     release = bench.build_release()
     tmp = tempfile.mkdtemp(prefix="bench-h2-")
     quiet = {"RUST_LOG": "warn"}
@@ -95,6 +95,24 @@ def main():
                   f"({', '.join(f'{c:.1f}' for c in cpu)})  {failed} failed")
     ratio = results["loadbalancer"]["cpu_us_per_request"] / results["haproxy"]["cpu_us_per_request"]
     bench.say(f"    loadbalancer / haproxy: CPU per request {ratio:.2f}x -> target {'met' if ratio <= 1 else 'NOT met'}")
+
+    bench.say("==> counting user-space instructions per HTTP/2 request with callgrind (h2load -c4 -m16)")
+    counted_port, counted_admin, single_port = bench.free_port(), bench.free_port(), bench.free_port()
+    counted_config = Path(tmp) / "lb-counted.json"
+    counted_config.write_text(json.dumps({**json.loads(lb_config.read_text()),
+                                          "port": counted_port, "adminPort": counted_admin}))
+    counted = {
+        "loadbalancer": bench.instructions_per_request(
+            [str(release / "loadbalancer"), "--host", "127.0.0.1", "--config", str(counted_config)],
+            f"http://127.0.0.1:{counted_port}/", quiet, load="h2"),
+        "haproxy": bench.instructions_per_request(
+            ["haproxy", "-db", "-f", str(bench.haproxy_config(
+                tmp, single_port, upstreams, mode="http", balance="roundrobin", h2=True))],
+            f"http://127.0.0.1:{single_port}/", load="h2"),
+    }
+    results["instructions_per_request"] = counted
+    bench.say(f"    loadbalancer {counted['loadbalancer']:.0f}, haproxy {counted['haproxy']:.0f}, "
+              f"{counted['loadbalancer'] / counted['haproxy']:.2f}x")
     bench.write_results("h2.json", results)
 
 
