@@ -12,7 +12,7 @@
 //! stdout (a full pipe, a slow log collector) never stalls the event loop.
 //! If the queue fills up, lines are dropped rather than requests held.
 //! The one line per request is put together by hand ([`line`]): the same
-//! format at a tenth of the cost.
+//! format at a third of the cost.
 
 use std::io::IsTerminal;
 use std::sync::LazyLock;

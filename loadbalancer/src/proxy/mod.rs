@@ -697,7 +697,7 @@ fn log(
     request_id: &HeaderValue,
 ) {
     // As `tracing::info!(method = %.., path = .., ...)` would write it,
-    // for a tenth of the cost (see `common::telemetry::line`).
+    // for a third of the cost (see `common::telemetry::line`).
     common::telemetry::line::info(module_path!(), "proxied", |line| {
         line.display("method", request.method.as_str())
             .str("path", request.uri.path())
