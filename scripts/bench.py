@@ -73,31 +73,28 @@ def start(cmd, cpu, env=None):
     return process
 
 
-def wait_http(url, process):
+def wait_http(url, process, h2=False):
+    """Waits until `url` answers; with `h2`, over HTTP/2 with prior knowledge
+    (HAProxy's h2 port answers nothing else)."""
+    def answers():
+        if h2:
+            done = subprocess.run(["h2load", "-n1", "-c1", url], capture_output=True, text=True,
+                                  timeout=5).stdout
+            return "1 succeeded" in done
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+
     deadline = time.time() + 15
     while time.time() < deadline:
         if process.poll() is not None:
             sys.exit(f"bench: {process.args} exited: {process.stderr.read().decode()}")
         try:
-            with urllib.request.urlopen(url, timeout=1):
+            if answers():
                 return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"bench: {url} did not answer within 15 s")
-
-
-def wait_h2(url, process):
-    """As `wait_http`, over HTTP/2 with prior knowledge (HAProxy's h2 port
-    answers nothing else)."""
-    deadline = time.time() + 15
-    while time.time() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"bench: {process.args} exited: {process.stderr.read().decode()}")
-        done = subprocess.run(["h2load", "-n1", "-c1", url], capture_output=True, text=True).stdout
-        if "1 succeeded" in done:
-            return
+        except (OSError, subprocess.TimeoutExpired):
+            pass
         time.sleep(0.05)
-    sys.exit(f"bench: {url} did not answer HTTP/2 within 15 s")
+    sys.exit(f"bench: {url} did not answer{' HTTP/2' if h2 else ''} within 15 s")
 
 
 def pids_of(process):
@@ -253,7 +250,7 @@ def instructions_per_request(command, url, env=None, load="keep-alive"):
         out = Path(tempfile.mkdtemp(prefix="bench-callgrind-")) / "out"
         process = start(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command],
                         PROXY_CPU, env)
-        (wait_h2 if load == "h2" else wait_http)(url, process)
+        wait_http(url, process, h2=load == "h2")
         if load == "new connection":
             seconds = (2, 6)[short_or_long]
             done = subprocess.run(["taskset", "-c", LOAD_CPU, "wrk", "-t1", "-c4", f"-d{seconds}s",
