@@ -454,7 +454,7 @@ async fn forbidden_logs_one_clear_line_until_rbac_is_fixed() {
     for part in [
         "may not list endpointslices.discovery.k8s.io",
         "in namespace lb-test",
-        "k8s/loadbalancer-rbac.yaml",
+        "k8s/base/loadbalancer-rbac.yaml",
     ] {
         assert!(message.contains(part), "{part:?} missing from: {message}");
     }

@@ -31,44 +31,119 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("reading {path}: {e}"))
 }
 
-/// The YAML documents of a file.
-fn documents(path: &str) -> Vec<String> {
-    read(path)
-        .split("\n---\n")
-        .map(str::to_owned)
-        .filter(|doc| {
-            doc.lines()
-                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
-        })
-        .collect()
+/// What `kubectl kustomize DIR` builds: exactly what `kubectl apply -k DIR`
+/// sends to a kind cluster. The checks below read this output, never the
+/// files one by one, so a layout that real kustomize refuses fails here.
+struct Built {
+    dir: String,
+    objects: Vec<Value>,
 }
 
-/// Parses `doc` into `T` and checks that turning `T` back into JSON gives
-/// exactly the YAML's own data: a misspelled or misplaced field would be
-/// dropped by the typed parse and show up here.
-fn typed<T: DeserializeOwned + Serialize>(path: &str, doc: &str) -> T {
-    let raw: Value =
-        serde_saphyr::from_str(doc).unwrap_or_else(|e| panic!("{path}: not YAML: {e}"));
-    let object: T =
-        serde_saphyr::from_str(doc).unwrap_or_else(|e| panic!("{path}: not a valid object: {e}"));
+fn build(dir: &str) -> Built {
+    let output = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(root().join(dir))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run `kubectl kustomize {dir}`: {e}. These tests build every kustomization \
+                 with the real tool: install kubectl (it includes kustomize; \
+                 https://kubernetes.io/docs/tasks/tools/), the client kind users have"
+            )
+        });
+    assert!(
+        output.status.success(),
+        "`kubectl kustomize {dir}` fails, so `kubectl apply -k {dir}` would fail on kind too:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    let objects = text
+        .split("\n---\n")
+        .map(|doc| {
+            serde_saphyr::from_str(doc)
+                .unwrap_or_else(|e| panic!("{dir}: kustomize wrote something not YAML: {e}"))
+        })
+        .collect();
+    Built {
+        dir: dir.to_owned(),
+        objects,
+    }
+}
+
+impl Built {
+    /// The objects of `T`'s kind, typed.
+    fn all<T: DeserializeOwned + Serialize + kube::Resource<DynamicType = ()>>(&self) -> Vec<T> {
+        self.objects
+            .iter()
+            .filter(|object| object["kind"] == T::kind(&()).as_ref())
+            .map(|object| typed(&format!("{} {}", self.dir, name_of(object)), object))
+            .collect()
+    }
+
+    /// The object of `T`'s kind named `name`, typed.
+    fn get<T: DeserializeOwned + Serialize + kube::Resource<DynamicType = ()>>(
+        &self,
+        name: &str,
+    ) -> T {
+        let kind = T::kind(&());
+        let object = self
+            .objects
+            .iter()
+            .find(|object| object["kind"] == kind.as_ref() && name_of(object) == name)
+            .unwrap_or_else(|| panic!("{}: no {kind} named {name}", self.dir));
+        typed(&format!("{} {name}", self.dir), object)
+    }
+
+    /// `kind/name` of every object, sorted.
+    fn names(&self) -> BTreeSet<String> {
+        self.objects
+            .iter()
+            .map(|object| format!("{}/{}", object["kind"].as_str().unwrap(), name_of(object)))
+            .collect()
+    }
+}
+
+fn name_of(object: &Value) -> &str {
+    object["metadata"]["name"].as_str().unwrap_or("")
+}
+
+/// Parses `raw` into `T` and checks that turning `T` back into JSON gives
+/// exactly the same data: a misspelled or misplaced field would be dropped
+/// by the typed parse and show up here.
+fn typed<T: DeserializeOwned + Serialize>(what: &str, raw: &Value) -> T {
+    let object: T = serde_json::from_value(raw.clone())
+        .unwrap_or_else(|e| panic!("{what}: not a valid object: {e}"));
     let round_trip = serde_json::to_value(&object).unwrap();
     assert_eq!(
-        round_trip, raw,
-        "{path}: a field was dropped or changed by the typed parse"
+        whole_numbers(round_trip),
+        whole_numbers(raw.clone()),
+        "{what}: a field was dropped or changed by the typed parse"
     );
     object
 }
 
-fn one<T: DeserializeOwned + Serialize + Resource>(path: &str) -> T {
-    documents(path)
-        .iter()
-        .find(|doc| serde_saphyr::from_str::<Value>(doc).unwrap()["kind"] == T::KIND)
-        .map(|doc| typed(path, doc))
-        .unwrap_or_else(|| panic!("{path}: no {}", T::KIND))
+/// `100.0` as `100`: a typed float field writes what kustomize wrote as an
+/// integer back with a decimal point; the number is the same.
+fn whole_numbers(value: Value) -> Value {
+    match value {
+        Value::Number(n)
+            if n.as_f64()
+                .is_some_and(|f| f.fract() == 0.0 && f.abs() < 1e15) =>
+        {
+            Value::from(n.as_f64().unwrap() as i64)
+        }
+        Value::Array(items) => items.into_iter().map(whole_numbers).collect(),
+        Value::Object(fields) => fields
+            .into_iter()
+            .map(|(k, v)| (k, whole_numbers(v)))
+            .collect(),
+        other => other,
+    }
 }
 
-/// All the manifests, typed.
+/// All the base's objects, typed.
 struct Manifests {
+    built: Built,
     backend_config: ConfigMap,
     backend: Deployment,
     backend_service: Service,
@@ -81,16 +156,18 @@ struct Manifests {
 }
 
 fn manifests() -> Manifests {
+    let built = build("k8s");
     Manifests {
-        backend_config: one("k8s/backend-configmap.yaml"),
-        backend: one("k8s/backend-deployment.yaml"),
-        backend_service: one("k8s/backend-service.yaml"),
-        lb_config: one("k8s/loadbalancer-configmap.yaml"),
-        lb: one("k8s/loadbalancer-deployment.yaml"),
-        lb_service: one("k8s/loadbalancer-service.yaml"),
-        account: one("k8s/loadbalancer-rbac.yaml"),
-        role: one("k8s/loadbalancer-rbac.yaml"),
-        binding: one("k8s/loadbalancer-rbac.yaml"),
+        backend_config: built.get("backend-config"),
+        backend: built.get("backend"),
+        backend_service: built.get("backend"),
+        lb_config: built.get("loadbalancer-config"),
+        lb: built.get("loadbalancer"),
+        lb_service: built.get("loadbalancer"),
+        account: built.get("loadbalancer"),
+        role: built.get("loadbalancer-discovery"),
+        binding: built.get("loadbalancer-discovery"),
+        built,
     }
 }
 
@@ -131,60 +208,122 @@ fn config_json(config_map: &ConfigMap) -> &str {
 
 fn backend_config(m: &Manifests) -> backend::config::Config {
     backend::config::Config::parse(
-        Path::new("k8s/backend-configmap.yaml"),
+        Path::new("k8s/base/backend-configmap.yaml"),
         config_json(&m.backend_config),
     )
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn lb_settings(m: &Manifests) -> Settings {
-    let path = Path::new("k8s/loadbalancer-configmap.yaml");
+    let path = Path::new("k8s/base/loadbalancer-configmap.yaml");
     let file: FileConfig =
         common::config::parse(path, config_json(&m.lb_config)).unwrap_or_else(|e| panic!("{e}"));
     let cli = <Cli as clap::Parser>::parse_from(["loadbalancer"]);
     Settings::resolve(path, file, &cli).unwrap_or_else(|e| panic!("{e}"))
 }
 
-#[test]
-fn every_manifest_parses_into_its_typed_object_without_losing_a_field() {
-    let kustomization: Value = serde_saphyr::from_str(&read("k8s/kustomization.yaml")).unwrap();
-    let listed: BTreeSet<String> = kustomization["resources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_str().unwrap().to_owned())
-        .collect();
-    let on_disk: BTreeSet<String> = std::fs::read_dir(root().join("k8s"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|name| name.ends_with(".yaml") && name != "kustomization.yaml")
-        .collect();
-    assert_eq!(
-        listed, on_disk,
-        "kustomization.yaml lists exactly the manifests in k8s/"
-    );
+/// Every folder under k8s/ with a kustomization.yaml, and whether it is a
+/// component (which only builds inside a kustomization that uses it).
+fn kustomizations() -> Vec<(String, bool)> {
+    fn walk(dir: &Path, found: &mut Vec<(String, bool)>) {
+        let file = dir.join("kustomization.yaml");
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            let relative = dir.strip_prefix(root()).unwrap();
+            found.push((
+                relative.to_string_lossy().into_owned(),
+                text.contains("\nkind: Component"),
+            ));
+        }
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        for entry in entries.into_iter().filter(|e| e.is_dir()) {
+            walk(&entry, found);
+        }
+    }
+    let mut found = Vec::new();
+    walk(&root().join("k8s"), &mut found);
+    found
+}
 
-    for file in &listed {
-        let path = format!("k8s/{file}");
-        for doc in documents(&path) {
-            let kind = serde_saphyr::from_str::<Value>(&doc).unwrap()["kind"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            match kind.as_str() {
-                "Namespace" => drop(typed::<Namespace>(&path, &doc)),
-                "ConfigMap" => drop(typed::<ConfigMap>(&path, &doc)),
-                "Deployment" => drop(typed::<Deployment>(&path, &doc)),
-                "Service" => drop(typed::<Service>(&path, &doc)),
-                "ServiceAccount" => drop(typed::<ServiceAccount>(&path, &doc)),
-                "Role" => drop(typed::<Role>(&path, &doc)),
-                "RoleBinding" => drop(typed::<RoleBinding>(&path, &doc)),
-                other => {
-                    panic!("{path}: unexpected kind {other} (nothing cluster-wide belongs here)")
+#[test]
+fn every_kustomization_builds_with_kubectl_into_typed_objects_without_losing_a_field() {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let all = kustomizations();
+    assert!(all.len() >= 9, "{all:?}");
+    for (dir, _) in all.iter().filter(|(_, component)| !component) {
+        let built = build(dir);
+        for object in &built.objects {
+            let what = format!(
+                "{dir}: {}/{}",
+                object["kind"].as_str().unwrap_or("?"),
+                name_of(object)
+            );
+            match object["kind"].as_str().unwrap_or("") {
+                "Namespace" => drop(typed::<Namespace>(&what, object)),
+                "ConfigMap" => drop(typed::<ConfigMap>(&what, object)),
+                "Deployment" => drop(typed::<Deployment>(&what, object)),
+                "StatefulSet" => drop(typed::<StatefulSet>(&what, object)),
+                "Service" => drop(typed::<Service>(&what, object)),
+                "ServiceAccount" => drop(typed::<ServiceAccount>(&what, object)),
+                "Role" => drop(typed::<Role>(&what, object)),
+                "RoleBinding" => drop(typed::<RoleBinding>(&what, object)),
+                "CustomResourceDefinition" => {
+                    drop(typed::<CustomResourceDefinition>(&what, object))
                 }
+                "Server" => drop(typed::<loadbalancer::discovery::servers::Server>(
+                    &what, object,
+                )),
+                other => panic!("{what}: unexpected kind {other}"),
+            }
+            let cluster_wide = matches!(
+                object["kind"].as_str(),
+                Some("Namespace" | "CustomResourceDefinition")
+            );
+            if !cluster_wide {
+                assert_eq!(
+                    object["metadata"]["namespace"], "lb-demo",
+                    "{what}: in the lb-demo namespace"
+                );
             }
         }
     }
+}
+
+#[test]
+fn every_manifest_file_is_used_by_a_kustomization() {
+    let mut named = BTreeSet::new();
+    for (dir, _) in kustomizations() {
+        let kustomization: Value =
+            serde_saphyr::from_str(&read(&format!("{dir}/kustomization.yaml"))).unwrap();
+        let entries = kustomization["resources"].as_array().into_iter().flatten();
+        let patches = kustomization["patches"].as_array().into_iter().flatten();
+        for entry in entries.chain(patches.map(|p| &p["path"])) {
+            let path = root().join(&dir).join(entry.as_str().unwrap());
+            named.insert(path.canonicalize().unwrap_or(path));
+        }
+    }
+    let mut unused = Vec::new();
+    let mut stack = vec![root().join("k8s")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()) {
+            if entry.is_dir() {
+                stack.push(entry);
+            } else if entry.extension().is_some_and(|e| e == "yaml")
+                && entry.file_name().is_some_and(|n| n != "kustomization.yaml")
+                && !named.contains(&entry.canonicalize().unwrap())
+            {
+                unused.push(entry);
+            }
+        }
+    }
+    assert!(
+        unused.is_empty(),
+        "no kustomization names {unused:?}: kubectl apply -k would never send them"
+    );
 }
 
 #[test]
@@ -374,7 +513,7 @@ fn every_pod_runs_with_the_restricted_security_profile() {
             "{name}"
         );
     }
-    let namespace: Namespace = one("k8s/namespace.yaml");
+    let namespace: Namespace = m.built.get("lb-demo");
     let labels = namespace.metadata.labels.unwrap();
     assert_eq!(
         labels
@@ -482,7 +621,6 @@ fn images_are_versioned_and_agree_with_the_makefile_and_dockerfile() {
     let version = env!("CARGO_PKG_VERSION");
     let makefile = read("Makefile");
     let dockerfile = read("Dockerfile");
-    let kustomization: Value = serde_saphyr::from_str(&read("k8s/kustomization.yaml")).unwrap();
     assert!(makefile.contains(
         r#"VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"#
     ));
@@ -514,13 +652,6 @@ fn images_are_versioned_and_agree_with_the_makefile_and_dockerfile() {
             )),
             "Makefile builds {binary}"
         );
-        let tag = kustomization["images"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["name"] == image.as_str())
-            .unwrap();
-        assert_eq!(tag["newTag"], version, "kustomization tag for {image}");
 
         // The Dockerfile stage of that name ships that binary as its entrypoint.
         let stage = dockerfile
@@ -546,42 +677,15 @@ fn images_are_versioned_and_agree_with_the_makefile_and_dockerfile() {
     assert!(dockerfile.contains("cargo build --release --locked -p backend -p loadbalancer"));
 }
 
-/// Every file a kustomization in `dir` names exists, and is a manifest whose
-/// documents parse into their typed objects.
-fn kustomization_files(dir: &str) -> Vec<String> {
-    let kustomization: Value =
-        serde_saphyr::from_str(&read(&format!("{dir}/kustomization.yaml"))).unwrap();
-    let mut files = Vec::new();
-    for key in ["resources", "components"] {
-        for entry in kustomization[key].as_array().into_iter().flatten() {
-            let target = root().join(dir).join(entry.as_str().unwrap());
-            assert!(target.exists(), "{dir}: {key} entry {entry} exists");
-            if target.is_file() {
-                files.push(format!("{dir}/{}", entry.as_str().unwrap()));
-            }
-        }
-    }
-    for patch in kustomization["patches"].as_array().into_iter().flatten() {
-        let path = format!("{dir}/{}", patch["path"].as_str().unwrap());
-        assert!(root().join(&path).exists(), "{path} exists");
-        files.push(path);
-    }
-    files
-}
-
 #[test]
-fn the_shared_counter_component_adds_a_restricted_redis_that_the_config_points_at() {
-    let dir = "k8s/components/shared-counter";
-    let files = kustomization_files(dir);
-    assert_eq!(files.len(), 3, "{files:?}");
-    assert_eq!(
-        kustomization_files("k8s/overlays/shared-counter"),
-        Vec::<String>::new(),
-        "the overlay names only folders"
-    );
+fn the_shared_counter_overlay_adds_a_restricted_redis_that_the_config_points_at() {
+    let built = build("k8s/overlays/shared-counter");
+    let base = manifests().built.names();
+    let added: Vec<String> = built.names().difference(&base).cloned().collect();
+    assert_eq!(added, ["Deployment/redis", "Service/redis"]);
 
-    let redis: Deployment = one(&format!("{dir}/redis.yaml"));
-    let service: Service = one(&format!("{dir}/redis.yaml"));
+    let redis: Deployment = built.get("redis");
+    let service: Service = built.get("redis");
     let pod_security = pod(&redis).security_context.as_ref().unwrap();
     assert_eq!(pod_security.run_as_non_root, Some(true));
     let security = container(&redis).security_context.as_ref().unwrap();
@@ -596,59 +700,44 @@ fn the_shared_counter_component_adds_a_restricted_redis_that_the_config_points_a
     );
 
     // The patched config goes through the load balancer's own loader and
-    // points at that Service.
-    let config: ConfigMap = typed(
-        &format!("{dir}/loadbalancer-configmap.yaml"),
-        &read(&format!("{dir}/loadbalancer-configmap.yaml")),
-    );
-    let cli = <Cli as clap::Parser>::parse_from(["loadbalancer"]);
-    let settings = Settings::parse(
-        PathBuf::from("loadbalancer-configmap.yaml"),
-        config_json(&config).to_owned(),
-        &cli,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    // points at that Service, for both replicas.
+    let settings = settings_of("shared-counter", &built.get("loadbalancer-config"));
     let port = service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port;
     assert_eq!(
         settings.shared_counter,
-        Some(format!(
-            "redis://{}:{port}",
-            service.metadata.name.clone().unwrap()
-        ))
+        Some(format!("redis://redis:{port}"))
     );
-    let replicas: Value =
-        serde_saphyr::from_str(&read(&format!("{dir}/loadbalancer-replicas.yaml"))).unwrap();
-    assert_eq!(replicas["spec"]["replicas"], 2);
+    let lb: Deployment = built.get("loadbalancer");
+    assert_eq!(lb.spec.replicas, Some(2));
 }
 
 #[test]
 fn the_slow_pod_overlay_adds_one_slow_backend_the_service_selects() {
-    let dir = "k8s/overlays/slow-pod";
-    let files = kustomization_files(dir);
+    let built = build("k8s/overlays/slow-pod");
     assert_eq!(
-        files,
-        [
-            "k8s/overlays/slow-pod/../../backend-deployment.yaml",
-            "k8s/overlays/slow-pod/slow.yaml"
-        ]
+        built.names(),
+        BTreeSet::from(["Deployment/backend-slow".to_owned()]),
+        "applied beside the base: one more Deployment, nothing else"
     );
-    let patch: Value = serde_saphyr::from_str(&read(&format!("{dir}/slow.yaml"))).unwrap();
-    let args = &patch["spec"]["template"]["spec"]["containers"][0]["args"];
+    let slow: Deployment = built.get("backend-slow");
+    assert_eq!(slow.spec.replicas, Some(1));
+    let args = container(&slow).args.clone().unwrap();
     assert_eq!(
         args,
-        &serde_json::json!([
+        [
             "--config",
             "/etc/config/config.json",
             "--response-delay-ms",
             "50"
-        ])
+        ]
     );
-    // Same labels as the base, so the backend Service selects the slow pod.
+    // Same labels as the base, so the backend Service selects the slow pod;
+    // the same image and ConfigMap as the base's backend.
     let m = manifests();
-    assert_eq!(
-        m.backend_service.spec.as_ref().unwrap().selector,
-        m.backend.spec.selector.match_labels
-    );
+    assert_eq!(slow.spec.selector, m.backend.spec.selector);
+    assert_eq!(pod_labels(&slow), pod_labels(&m.backend));
+    assert_eq!(container(&slow).image, container(&m.backend).image);
+    assert_eq!(pod(&slow).volumes, pod(&m.backend).volumes);
 }
 
 // === The other discovery sources and TCP mode ===
@@ -711,7 +800,7 @@ fn the_server_crd_is_generated_from_the_rust_type() {
         std::fs::write(root().join(path), format!("{header}{yaml}")).unwrap();
     }
     let crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition =
-        typed(path, &read(path));
+        build("k8s/crd").get("servers.lb.example.com");
     assert_eq!(
         serde_json::to_value(&crd).unwrap(),
         serde_json::to_value(&generated).unwrap(),
@@ -734,16 +823,34 @@ fn the_server_crd_is_generated_from_the_rust_type() {
 fn the_servers_overlay_declares_servers_the_load_balancer_can_reach_and_may_update() {
     use loadbalancer::discovery::servers::Server;
     let dir = "k8s/overlays/servers";
-    let files = kustomization_files(dir);
-    assert_eq!(files.len(), 5, "{files:?}");
+    let built = build(dir);
+    let base = manifests().built.names();
+    let added: BTreeSet<String> = built.names().difference(&base).cloned().collect();
+    assert_eq!(
+        added,
+        BTreeSet::from(
+            [
+                "CustomResourceDefinition/servers.lb.example.com",
+                "Role/loadbalancer-servers",
+                "RoleBinding/loadbalancer-servers",
+                "Server/backend-service",
+                "Server/server-0",
+                "Server/server-1",
+                "Server/server-2",
+                "Service/server",
+                "StatefulSet/server",
+            ]
+            .map(String::from)
+        )
+    );
 
-    let config: ConfigMap = one(&format!("{dir}/loadbalancer-configmap.yaml"));
+    let config: ConfigMap = built.get("loadbalancer-config");
     let settings = settings_of(dir, &config);
     assert!(matches!(settings.source, Source::Servers { .. }));
     let check = settings.health_check.expect("Servers are checked");
 
     // Least privilege: read Servers, patch their status, nothing else.
-    let role: Role = one(&format!("{dir}/rbac.yaml"));
+    let role: Role = built.get("loadbalancer-servers");
     assert_eq!(
         grants(&role),
         BTreeMap::from([
@@ -751,13 +858,12 @@ fn the_servers_overlay_declares_servers_the_load_balancer_can_reach_and_may_upda
             grant("lb.example.com", "servers/status", &["patch"]),
         ])
     );
-    binds_to_the_load_balancer(&one(&format!("{dir}/rbac.yaml")), &role);
+    binds_to_the_load_balancer(&built.get("loadbalancer-servers"), &role);
 
     // Each pod of the StatefulSet has a DNS name through the headless
     // Service, published even while not ready (the checks decide).
-    let statefulset: k8s_openapi::api::apps::v1::StatefulSet =
-        one(&format!("{dir}/statefulset.yaml"));
-    let headless: Service = one(&format!("{dir}/statefulset.yaml"));
+    let statefulset: k8s_openapi::api::apps::v1::StatefulSet = built.get("server");
+    let headless: Service = built.get("server");
     let spec = &statefulset.spec;
     let headless_spec = headless.spec.as_ref().unwrap();
     assert_eq!(spec.service_name, headless.metadata.name);
@@ -775,8 +881,7 @@ fn the_servers_overlay_declares_servers_the_load_balancer_can_reach_and_may_upda
     let set_name = statefulset.metadata.name.clone().unwrap();
     let service_name = headless.metadata.name.clone().unwrap();
     let mut per_pod = 0;
-    for doc in documents(&format!("{dir}/servers.yaml")) {
-        let server: Server = typed(&format!("{dir}/servers.yaml"), &doc);
+    for server in built.all::<Server>() {
         let url: hyper::Uri = server.spec.url.parse().unwrap();
         let host = url.host().unwrap();
         if let Some(ordinal) = host.strip_prefix(&format!("{set_name}-")).and_then(|rest| {
@@ -806,8 +911,17 @@ fn the_servers_overlay_declares_servers_the_load_balancer_can_reach_and_may_upda
 #[test]
 fn the_pods_overlay_selects_the_backend_pods_by_label_on_their_named_port() {
     let dir = "k8s/overlays/pods";
-    assert_eq!(kustomization_files(dir).len(), 2);
-    let config: ConfigMap = one(&format!("{dir}/loadbalancer-configmap.yaml"));
+    let built = build(dir);
+    let added: Vec<String> = built
+        .names()
+        .difference(&manifests().built.names())
+        .cloned()
+        .collect();
+    assert_eq!(
+        added,
+        ["Role/loadbalancer-pods", "RoleBinding/loadbalancer-pods"]
+    );
+    let config: ConfigMap = built.get("loadbalancer-config");
     let Source::Pods { selector, port } = settings_of(dir, &config).source else {
         panic!("{dir}: the config must use pods discovery");
     };
@@ -822,20 +936,21 @@ fn the_pods_overlay_selects_the_backend_pods_by_label_on_their_named_port() {
     };
     port_named(container(&m.backend), &name);
 
-    let role: Role = one(&format!("{dir}/rbac.yaml"));
+    let role: Role = built.get("loadbalancer-pods");
     assert_eq!(
         grants(&role),
         BTreeMap::from([grant("", "pods", &["list", "watch"])])
     );
-    binds_to_the_load_balancer(&one(&format!("{dir}/rbac.yaml")), &role);
+    binds_to_the_load_balancer(&built.get("loadbalancer-pods"), &role);
 }
 
 #[test]
 fn the_tcp_load_balancer_reaches_the_backends_tcp_port_and_kind_publishes_9090() {
-    let path = "k8s/loadbalancer-tcp.yaml";
-    let config: ConfigMap = one(path);
-    let deployment: Deployment = one(path);
-    let service: Service = one(path);
+    let path = "k8s/base/loadbalancer-tcp.yaml";
+    let m = manifests();
+    let config: ConfigMap = m.built.get("loadbalancer-tcp-config");
+    let deployment: Deployment = m.built.get("loadbalancer-tcp");
+    let service: Service = m.built.get("loadbalancer-tcp");
     let settings = settings_of(path, &config);
     assert_eq!(settings.mode, loadbalancer::config::Mode::Tcp);
     assert_eq!(
@@ -846,7 +961,6 @@ fn the_tcp_load_balancer_reaches_the_backends_tcp_port_and_kind_publishes_9090()
 
     // Discovery: the backend Service's port named tcp, which is the
     // backend's own tcpPort.
-    let m = manifests();
     let Source::Kubernetes {
         service: watched,
         port: BackendPort::Name(port_name),

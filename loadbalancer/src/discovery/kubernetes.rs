@@ -168,7 +168,7 @@ fn describe(error: &watcher::Error, watched: &Watched) -> String {
     match status_code(error) {
         Some(403) => format!(
             "forbidden: this pod's service account may not {verb} {resource} in namespace {namespace}; \
-             apply k8s/loadbalancer-rbac.yaml (a Role granting get, list and watch on {resource}, \
+             apply k8s/base/loadbalancer-rbac.yaml (a Role granting get, list and watch on {resource}, \
              bound to the load balancer's service account). Retrying; serving the last known backends meanwhile"
         ),
         Some(410) => format!("watch of {resource} ({selector}) expired (410 Gone): listing again"),

@@ -48,7 +48,9 @@ pub struct ServerSpec {
     pub health_url: Option<String>,
     /// The weight under `weighted_round_robin` (1 to 100; default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 100))]
+    // `int32`: the API server warns about any format outside OpenAPI's list
+    // (schemars would write `uint32`).
+    #[schemars(range(min = 1, max = 100), extend("format" = "int32"))]
     pub weight: Option<u32>,
 }
 
