@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use common::serve::Server;
+use common::serve::{Limits, Server};
 use tokio::net::TcpListener;
 
 use crate::routes::{AppState, app};
@@ -29,7 +29,7 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
-    let server = Server::new(header_read_timeout);
+    let server = Server::new(Limits::new(header_read_timeout));
     server
         .serve_router_until(&listener, app(state.clone()), shutdown)
         .await;

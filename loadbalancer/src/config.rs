@@ -118,12 +118,18 @@ pub struct FileConfig {
     pub mode: Mode,
     /// `http1` or `h2c`: how requests reach the backends.
     pub backend_protocol: BackendProtocol,
+    /// Whether clients may speak HTTP/2 (h2c) on the proxy port; HTTP/1.1
+    /// alone when false.
+    pub http2: bool,
     /// TCP mode: how long a connection to a backend that left the set may
     /// go on before it is closed.
     pub drain_timeout_ms: u64,
     /// TCP mode: a connection that moves no byte either way for this long
     /// is closed.
     pub tcp_idle_timeout_ms: u64,
+    /// TCP mode: a new connection that moves no byte either way for this
+    /// long is closed (before the first byte, `tcpIdleTimeoutMs` is too long).
+    pub tcp_first_byte_timeout_ms: u64,
     /// How long to wait for a TCP connection to a backend.
     pub connect_timeout_ms: u64,
     /// How long to wait for a backend's response headers before answering 504.
@@ -185,8 +191,10 @@ impl Default for FileConfig {
             status_write_interval_ms: 5_000,
             mode: Mode::Http,
             backend_protocol: BackendProtocol::Http1,
+            http2: true,
             drain_timeout_ms: 30_000,
             tcp_idle_timeout_ms: 600_000,
+            tcp_first_byte_timeout_ms: 30_000,
             connect_timeout_ms: 1_000,
             request_timeout_ms: 30_000,
             retries: 2,
@@ -317,6 +325,8 @@ pub struct Settings {
     pub backend_protocol: BackendProtocol,
     pub drain_timeout: Duration,
     pub tcp_idle_timeout: Duration,
+    pub tcp_first_byte_timeout: Duration,
+    pub http2: bool,
     /// The file these settings came from, if any: it is watched for changes.
     pub file: Option<ConfigFile>,
 }
@@ -505,6 +515,8 @@ impl Settings {
             backend_protocol: file.backend_protocol,
             drain_timeout: ms("drainTimeoutMs", file.drain_timeout_ms)?,
             tcp_idle_timeout: ms("tcpIdleTimeoutMs", file.tcp_idle_timeout_ms)?,
+            tcp_first_byte_timeout: ms("tcpFirstByteTimeoutMs", file.tcp_first_byte_timeout_ms)?,
+            http2: file.http2,
             file: None,
         })
     }
@@ -586,7 +598,7 @@ const MINUTE: u64 = 60_000;
 const HOUR: u64 = 60 * MINUTE;
 
 /// The allowed range of every duration (in ms) and count in the file.
-pub const LIMITS: [(&str, RangeInclusive<u64>); 15] = [
+pub const LIMITS: [(&str, RangeInclusive<u64>); 16] = [
     ("connectTimeoutMs", 1..=MINUTE),
     ("requestTimeoutMs", 1..=HOUR),
     ("retries", 0..=10),
@@ -601,6 +613,7 @@ pub const LIMITS: [(&str, RangeInclusive<u64>); 15] = [
     ("shutdownTimeoutMs", 1..=HOUR),
     ("drainTimeoutMs", 0..=HOUR),
     ("tcpIdleTimeoutMs", 1..=24 * HOUR),
+    ("tcpFirstByteTimeoutMs", 1..=HOUR),
     ("statusWriteIntervalMs", 100..=HOUR),
 ];
 

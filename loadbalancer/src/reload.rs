@@ -6,7 +6,7 @@
 //!
 //! | changes live | needs a restart |
 //! |---|---|
-//! | `algorithm`, `weights`, `healthCheck`, `backends` (static discovery), `connectTimeoutMs`, `requestTimeoutMs`, `bodyIdleTimeoutMs`, `retries`, `cooldownMs`, `consecutive5xx`, `maxEjectionPercent`, `poolIdleTimeoutMs`, `drainDelayMs`, `shutdownTimeoutMs`, `backendProtocol`, `drainTimeoutMs`, `tcpIdleTimeoutMs` (new connections), `logLevel`, `accessLog` | `port`, `adminPort`, `listenBacklog`, `headerReadTimeoutMs`, `logFormat`, `sharedCounter`, `mode`, `discovery` and its source settings |
+//! | `algorithm`, `weights`, `healthCheck`, `backends` (static discovery), `connectTimeoutMs`, `requestTimeoutMs`, `bodyIdleTimeoutMs`, `retries`, `cooldownMs`, `consecutive5xx`, `maxEjectionPercent`, `poolIdleTimeoutMs`, `drainDelayMs`, `shutdownTimeoutMs`, `backendProtocol`, `drainTimeoutMs`, `tcpIdleTimeoutMs` and `tcpFirstByteTimeoutMs` (new connections), `logLevel`, `accessLog` | `port`, `adminPort`, `listenBacklog`, `headerReadTimeoutMs`, `http2`, `logFormat`, `sharedCounter`, `mode`, `discovery` and its source settings |
 //!
 //! Requests already in flight finish with the settings they started with;
 //! the next request reads the new ones (one atomic load).
@@ -16,6 +16,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use common::config::ConfigError;
 use common::reload::Outcome;
+use common::serve::Server;
 use common::telemetry::Logging;
 
 use crate::balancer::Balancer;
@@ -31,6 +32,8 @@ pub struct Live {
     pub settings: ArcSwap<Settings>,
     pub cli: Cli,
     pub proxy: Arc<Proxy>,
+    /// The proxy port's HTTP server (its send timeout is `bodyIdleTimeoutMs`).
+    pub server: Arc<Server>,
     /// In TCP mode.
     pub tcp: Option<Arc<TcpProxy>>,
     pub balancer: Arc<Balancer>,
@@ -68,6 +71,7 @@ impl Live {
                 old.header_read_timeout != new.header_read_timeout,
             ),
             ("logFormat", old.log_format != new.log_format),
+            ("http2", old.http2 != new.http2),
             ("sharedCounter", old.shared_counter != new.shared_counter),
             ("mode", old.mode != new.mode),
             (
@@ -120,6 +124,10 @@ impl Live {
                 "tcpIdleTimeoutMs",
                 old.tcp_idle_timeout != new.tcp_idle_timeout,
             ),
+            (
+                "tcpFirstByteTimeoutMs",
+                old.tcp_first_byte_timeout != new.tcp_first_byte_timeout,
+            ),
             ("logLevel", old.log_level != new.log_level),
             ("accessLog", old.access_log != new.access_log),
         ];
@@ -132,6 +140,7 @@ impl Live {
             admin_listen: old.admin_listen,
             listen_backlog: old.listen_backlog,
             header_read_timeout: old.header_read_timeout,
+            http2: old.http2,
             log_format: old.log_format,
             shared_counter: old.shared_counter.clone(),
             mode: old.mode,
@@ -156,6 +165,7 @@ impl Live {
                 .configure(settings.health_check.clone());
         }
         self.proxy.configure(&settings);
+        self.server.set_send_timeout(settings.body_idle_timeout);
         if let Some(tcp) = &self.tcp {
             tcp.configure(&settings);
         }

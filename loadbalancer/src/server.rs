@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use common::serve::Server;
+use common::serve::{Limits, Server};
 use common::telemetry::Logging;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
@@ -105,10 +105,18 @@ pub async fn run(
     let proxy = Arc::new(Proxy::new(balancer.clone(), &settings));
     let tcp =
         (settings.mode == Mode::Tcp).then(|| Arc::new(TcpProxy::new(balancer.clone(), &settings)));
+    // A client that takes nothing of an answer for `bodyIdleTimeoutMs` is
+    // disconnected, as one that sends nothing of its upload is.
+    let server = Arc::new(Server::new(Limits {
+        header_read_timeout: settings.header_read_timeout,
+        send_timeout: settings.body_idle_timeout,
+        http2: settings.http2,
+    }));
     let live = Arc::new(Live {
         settings: ArcSwap::from_pointee(settings.clone()),
         cli,
         proxy: proxy.clone(),
+        server: server.clone(),
         tcp: tcp.clone(),
         balancer: balancer.clone(),
         logging,
@@ -137,7 +145,7 @@ pub async fn run(
         discovery: status,
         tcp: tcp.is_some(),
     });
-    let admin_server = Server::new(settings.header_read_timeout);
+    let admin_server = Server::new(Limits::new(settings.header_read_timeout));
     // The admin listener lives until the process exits, so /readyz keeps
     // answering 503 throughout the drain.
     tokio::spawn(async move {
@@ -157,7 +165,6 @@ pub async fn run(
         return Ok(());
     }
 
-    let server = Server::new(settings.header_read_timeout);
     let service_for = |addr: SocketAddr| {
         let proxy = proxy.clone();
         let peer = Arc::new(Peer::new(addr));

@@ -41,6 +41,7 @@
 //! ask to upgrade is a broken backend: 502.
 
 mod body;
+mod detach;
 pub mod headers;
 mod pool;
 
@@ -65,12 +66,14 @@ use crate::balancer::{Backend, Balancer, Outcome};
 use crate::config::{BackendProtocol, Settings};
 use crate::metrics::InFlight;
 use body::{BodyError, Held, Timed, Upload};
+use common::serve::Slot;
+use detach::Detachable;
 pub use headers::{SERVED_BY, X_REQUEST_ID};
 use headers::{
     prepare_request_headers, remove_hop_by_hop, request_id, restore_upgrade, upgrade_protocol,
 };
 pub use pool::Connections;
-use pool::{ConnectError, Lease};
+use pool::{ConnectError, Lease, Timeouts};
 
 /// The body of a response to the client: the backend's, streamed, or our
 /// own JSON error.
@@ -151,6 +154,13 @@ enum Failure {
 }
 
 impl Upstream {
+    fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            connect: self.connect_timeout,
+            send: self.body_idle_timeout,
+        }
+    }
+
     fn new(settings: &Settings) -> Upstream {
         Upstream {
             h2c: settings.backend_protocol == BackendProtocol::H2c,
@@ -189,6 +199,12 @@ impl Proxy {
                 "CONNECT is not supported: this load balancer only forwards requests to its backends",
             );
         }
+        if let Some(problem) = authority_problem(&request) {
+            return error(StatusCode::BAD_REQUEST, problem);
+        }
+        // An HTTP/2 stream's place among its connection's streams, kept
+        // until the exchange with the backend has ended.
+        let mut slot = request.extensions_mut().remove::<Slot>();
         let upgrade = upgrade_protocol(request.headers());
         if upgrade.is_some() && upstream.h2c {
             return error(
@@ -226,9 +242,10 @@ impl Proxy {
         let replayable = body.is_end_stream();
         let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
         let upload = (!replayable).then(Arc::<Upload>::default);
-        let mut body = upload
-            .clone()
-            .map(|upload| Timed::from_client(body, upstream.body_idle_timeout, peer.addr, upload));
+        let mut body = upload.clone().map(|upload| {
+            Timed::from_client(body, upstream.body_idle_timeout, peer.addr, upload)
+                .read_over_http2(upstream.h2c)
+        });
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_failure = None;
 
@@ -264,7 +281,17 @@ impl Proxy {
             );
 
             let in_flight = InFlight::start(backend.clone());
-            match send(&upstream, &backend, outgoing, client_upgrade.is_some()).await {
+            let exchange = send(
+                upstream.clone(),
+                backend.clone(),
+                outgoing,
+                client_upgrade.is_some(),
+            );
+            let sent = match &slot {
+                Some(slot) => Detachable::new(exchange, slot.clone()).await,
+                None => exchange.await,
+            };
+            match sent {
                 Ok((response, lease)) => break Ok((backend, response, in_flight, lease)),
                 Err(failure) if self.retry_after(&failure, &backend, may_retry, idempotent) => {
                     tried.push(backend.addr);
@@ -291,7 +318,11 @@ impl Proxy {
                     upstream.body_idle_timeout,
                     client_upgrade.take(),
                     upload,
-                    Held { in_flight, lease },
+                    Held {
+                        in_flight,
+                        lease,
+                        slot: slot.take(),
+                    },
                 );
                 (Some(backend.clone()), Some(backend), response)
             }
@@ -362,19 +393,20 @@ impl Proxy {
 
 /// Sends one attempt and waits for the response head. An HTTP/1.1
 /// connection comes back with the response, lent until its body is read.
+/// It owns what it uses, so that it can outlive the client ([`Detachable`]).
 async fn send(
-    upstream: &Upstream,
-    backend: &Arc<Backend>,
+    upstream: Arc<Upstream>,
+    backend: Arc<Backend>,
     request: Request<UpstreamBody>,
     asked_to_upgrade: bool,
 ) -> Result<(Response<Incoming>, Option<Lease>), Failure> {
     let exchange = async {
         if upstream.h2c {
-            send_http2(upstream, backend, request)
+            send_http2(&upstream, &backend, request)
                 .await
                 .map(|r| (r, None))
         } else {
-            send_http1(upstream, backend, request).await
+            send_http1(&upstream, &backend, request).await
         }
     };
     let (response, lease) = match tokio::time::timeout(upstream.request_timeout, exchange).await {
@@ -399,7 +431,7 @@ async fn send_http1(
         let (mut sender, reused) = match backend.connections.take_idle(upstream.pool_idle_timeout) {
             Some(sender) => (sender, true),
             None => {
-                let sender = Connections::connect_http1(backend.addr, upstream.connect_timeout)
+                let sender = Connections::connect_http1(backend.addr, upstream.timeouts())
                     .await
                     .map_err(|e| connect_failure(&e))?;
                 (sender, false)
@@ -438,7 +470,7 @@ async fn send_http2(
     loop {
         let mut sender = backend
             .connections
-            .http2(backend.addr, upstream.connect_timeout)
+            .http2(backend.addr, upstream.timeouts())
             .await
             .map_err(|e| connect_failure(&e))?;
         match sender.try_send_request(request).await {
@@ -487,14 +519,10 @@ fn relay(
     {
         lease.give_back();
     }
+    let http2_client = version == Version::HTTP_2;
     response.map(|body| {
-        Either::Left(Timed::from_backend(
-            body,
-            idle,
-            backend.addr,
-            upload,
-            Some(held),
-        ))
+        let body = Timed::from_backend(body, idle, backend.addr, upload, Some(held));
+        Either::Left(body.read_over_http2(http2_client))
     })
 }
 
@@ -535,6 +563,13 @@ fn failure_response(
             StatusCode::REQUEST_TIMEOUT,
             &format!(
                 "the request body stalled: no data for {} ms (bodyIdleTimeoutMs)",
+                idle.as_millis()
+            ),
+        ),
+        Failure::Client(BodyError::NotTaken(idle)) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!(
+                "backend {addr} took nothing of the request body for {} ms (bodyIdleTimeoutMs)",
                 idle.as_millis()
             ),
         ),
@@ -625,6 +660,31 @@ fn find_cause<'a, E: std::error::Error + 'static>(
             return Some(found);
         }
         next = current.source();
+    }
+    None
+}
+
+/// Why a request's authority is refused, if it is: userinfo in `Host` or
+/// the target (RFC 9110 4.2.4: never forwarded), or an HTTP/2 `host` header
+/// that names another host than `:authority` (RFC 9113 8.3.1: malformed).
+fn authority_problem<B>(request: &Request<B>) -> Option<&'static str> {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .map(HeaderValue::as_bytes);
+    let authority = request.uri().authority().map(|a| a.as_str().as_bytes());
+    if host.into_iter().chain(authority).any(|h| h.contains(&b'@')) {
+        return Some(
+            "the host may not carry a user name or password (user@host); send the host alone",
+        );
+    }
+    if request.version() == Version::HTTP_2
+        && let (Some(host), Some(authority)) = (host, authority)
+        && !host.eq_ignore_ascii_case(authority)
+    {
+        return Some(
+            "the host header names another host than :authority (RFC 9113 8.3.1); send one, or the same in both",
+        );
     }
     None
 }

@@ -17,12 +17,14 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
+use tokio_io_timeout::TimeoutStream;
 
 use super::UpstreamBody;
 use crate::balancer::Backend;
@@ -52,7 +54,8 @@ struct Failed {
 /// Why no connection could be had. Nothing was sent.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("tcp connect error: {0}")]
+    // The cause follows as the source: not in the message too.
+    #[error("tcp connect error")]
     Io(#[from] std::io::Error),
     #[error("tcp connect timed out after {} ms (connectTimeoutMs)", .0.as_millis())]
     TimedOut(Duration),
@@ -66,12 +69,12 @@ impl Connections {
     /// A new HTTP/1.1 connection to `addr`.
     pub async fn connect_http1(
         addr: SocketAddr,
-        connect_timeout: Duration,
+        timeouts: Timeouts,
     ) -> Result<Http1, ConnectError> {
-        let stream = connect(addr, connect_timeout).await?;
+        let stream = connect(addr, timeouts).await?;
         // The handshake of HTTP/1.1 sends nothing, so it cannot fail here.
         let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(stream)
             .await
             .map_err(|e| ConnectError::Io(std::io::Error::other(e)))?;
         tokio::spawn(async move {
@@ -118,11 +121,7 @@ impl Connections {
     }
 
     /// The backend's HTTP/2 connection, made if there is none.
-    pub async fn http2(
-        &self,
-        addr: SocketAddr,
-        connect_timeout: Duration,
-    ) -> Result<Http2, ConnectError> {
+    pub async fn http2(&self, addr: SocketAddr, timeouts: Timeouts) -> Result<Http2, ConnectError> {
         if let Some(sender) = self.current_http2() {
             return Ok(sender);
         }
@@ -136,9 +135,9 @@ impl Connections {
             return Err(ConnectError::Shared(failed.error.clone()));
         }
         let made = async {
-            let stream = connect(addr, connect_timeout).await?;
+            let stream = connect(addr, timeouts).await?;
             http2::Builder::new(TokioExecutor::new())
-                .handshake(TokioIo::new(stream))
+                .handshake(stream)
                 .await
                 .map_err(ConnectError::Handshake)
         };
@@ -156,7 +155,7 @@ impl Connections {
             Err(error) => {
                 *making = Some(Failed {
                     at: Instant::now(),
-                    error: error.to_string(),
+                    error: super::source_chain(&error),
                 });
                 Err(error)
             }
@@ -203,12 +202,24 @@ impl Lease {
     }
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+/// How long a connection may take to be made, and how long the backend
+/// may leave what we send untaken (then the exchange fails).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub send: Duration,
+}
+
+type Socket = TokioIo<Pin<Box<TimeoutStream<TcpStream>>>>;
+
+async fn connect(addr: SocketAddr, timeouts: Timeouts) -> Result<Socket, ConnectError> {
+    let stream = tokio::time::timeout(timeouts.connect, TcpStream::connect(addr))
         .await
-        .map_err(|_| ConnectError::TimedOut(timeout))??;
+        .map_err(|_| ConnectError::TimedOut(timeouts.connect))??;
     stream.set_nodelay(true)?;
-    Ok(stream)
+    let mut stream = TimeoutStream::new(stream);
+    stream.set_write_timeout(Some(timeouts.send));
+    Ok(TokioIo::new(Box::pin(stream)))
 }
 
 /// A poisoned lock still holds valid connections: a panic elsewhere must

@@ -21,6 +21,13 @@
 //! - **HTTP/2 limits**: at most [`MAX_STREAMS`] streams at once per
 //!   connection, header lists of at most [`MAX_HEAD_BYTES`], 1 MiB flow
 //!   control windows, and h2's defences against rapid resets.
+//! - **HTTP/2 streams a client cancels count until their work has ended**,
+//!   and a connection that cancels most of what it opens is closed: the
+//!   rapid reset defence, see [`streams`].
+//! - **A send timeout**: a client that takes none of what we send for
+//!   [`Limits::send_timeout`] (its TCP window stays shut) is disconnected,
+//!   as nginx's `send_timeout` does, instead of holding its connection, and
+//!   whatever stands behind the answer, for ever.
 //! - **A cap on the request head** (`431` beyond [`MAX_HEAD_BYTES`]).
 //! - **Accept errors pause the loop**: at the file-descriptor limit `accept`
 //!   fails at once, again and again; we pause briefly and log at most once a
@@ -38,19 +45,26 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
-use hyper::service::{HttpService, service_fn};
+use hyper::service::{HttpService, Service, service_fn};
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
+use tokio_io_timeout::TimeoutStream;
 use tower::ServiceExt;
 
 use crate::telemetry::Throttle;
+use streams::{Budgeted, Streams};
+pub use streams::{EARLY_RESETS, Slot};
+
+mod streams;
 
 /// The largest request head (request line and headers) accepted; beyond it
 /// the client gets 431. nginx allows 32 KiB by default.
@@ -65,6 +79,13 @@ pub const MAX_STREAMS: u32 = 128;
 
 /// The HTTP/2 connection preface (RFC 9113, 3.4): how an h2c client opens.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The default [`Limits::send_timeout`], nginx's `send_timeout`.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a connection that cancelled too many HTTP/2 streams may take to
+/// finish the streams it has left, after the GOAWAY.
+const ABUSE_GRACE: Duration = Duration::from_secs(1);
 
 /// How long the accept loop pauses after a failed `accept`.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
@@ -84,12 +105,36 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.listen(backlog)
 }
 
-/// How each protocol is served, and how long the first bytes may take.
+/// What a listener allows its clients.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// How long a client may take to send each request head.
+    pub header_read_timeout: Duration,
+    /// How long a client may leave what we send untaken.
+    pub send_timeout: Duration,
+    /// Whether HTTP/2 with prior knowledge is served, or HTTP/1.1 alone.
+    pub http2: bool,
+}
+
+impl Limits {
+    /// `header_read_timeout`, the default send timeout, and HTTP/2 on.
+    pub fn new(header_read_timeout: Duration) -> Limits {
+        Limits {
+            header_read_timeout,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
+            http2: true,
+        }
+    }
+}
+
+/// How each protocol is served (`h2`: `None` when HTTP/2 is off).
 #[derive(Debug)]
 struct Protocols {
     http: http1::Builder,
-    h2: http2::Builder<TokioExecutor>,
+    h2: Option<http2::Builder<TokioExecutor>>,
     header_read_timeout: Duration,
+    /// [`Limits::send_timeout`], in ms: it may change while running.
+    send_timeout_ms: AtomicU64,
 }
 
 /// Serves HTTP/1.1 and h2c connections and keeps track of them for shutdown.
@@ -102,9 +147,9 @@ pub struct Server {
 }
 
 impl Server {
-    /// A server whose clients have `header_read_timeout` to send each
-    /// request head.
-    pub fn new(header_read_timeout: Duration) -> Server {
+    /// A server whose clients have `limits`.
+    pub fn new(limits: Limits) -> Server {
+        let header_read_timeout = limits.header_read_timeout;
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout)
@@ -123,8 +168,9 @@ impl Server {
         Server {
             protocols: Arc::new(Protocols {
                 http,
-                h2,
+                h2: limits.http2.then_some(h2),
                 header_read_timeout,
+                send_timeout_ms: AtomicU64::new(limits.send_timeout.as_millis() as u64),
             }),
             closing: watch::Sender::new(()),
         }
@@ -139,7 +185,7 @@ impl Server {
         service_for: impl Fn(SocketAddr) -> S,
         until: impl Future<Output = ()>,
     ) where
-        S: HttpService<Incoming, ResBody = B> + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
         B: Body + Send + 'static,
@@ -156,22 +202,7 @@ impl Server {
             let protocols = self.protocols.clone();
             let closing = self.closing.subscribe();
             tokio::spawn(async move {
-                let result = match sniff(&stream, protocols.header_read_timeout).await {
-                    Some(Protocol::Http1) => {
-                        let connection = protocols
-                            .http
-                            .serve_connection(TokioIo::new(stream), service)
-                            .with_upgrades();
-                        until_closing(connection, closing).await
-                    }
-                    Some(Protocol::Http2) => {
-                        let connection =
-                            protocols.h2.serve_connection(TokioIo::new(stream), service);
-                        until_closing(connection, closing).await
-                    }
-                    None => return,
-                };
-                if let Err(error) = result {
+                if let Err(error) = serve_connection(stream, service, &protocols, closing).await {
                     tracing::debug!(%peer, %error, "connection ended with an error");
                 }
             });
@@ -197,6 +228,12 @@ impl Server {
         self.serve_until(listener, service_for, until).await;
     }
 
+    /// The send timeout for connections accepted from now on.
+    pub fn set_send_timeout(&self, timeout: Duration) {
+        let ms = timeout.as_millis() as u64;
+        self.protocols.send_timeout_ms.store(ms, Relaxed);
+    }
+
     /// How many connections are open.
     pub fn connections(&self) -> usize {
         self.closing.receiver_count()
@@ -205,7 +242,7 @@ impl Server {
     /// Tells every connection to close once its request in flight is
     /// answered (idle ones close at once) and waits for all of them, at most
     /// `timeout`. Returns whether they all finished in time.
-    pub async fn finish(self, timeout: Option<Duration>) -> bool {
+    pub async fn finish(&self, timeout: Option<Duration>) -> bool {
         self.closing.send_replace(());
         let all_closed = self.closing.closed();
         match timeout {
@@ -214,6 +251,43 @@ impl Server {
                 all_closed.await;
                 true
             }
+        }
+    }
+}
+
+/// Serves one connection in the protocol its first bytes say, until it
+/// ends or (after `closing` changes) has finished its requests.
+async fn serve_connection<S, B>(
+    stream: TcpStream,
+    service: S,
+    protocols: &Protocols,
+    closing: watch::Receiver<()>,
+) -> hyper::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let protocol = sniff(&stream, protocols.header_read_timeout).await;
+    let send_timeout = protocols.send_timeout_ms.load(Relaxed);
+    let mut stream = TimeoutStream::new(stream);
+    stream.set_write_timeout(Some(Duration::from_millis(send_timeout)));
+    let io = TokioIo::new(Box::pin(stream));
+    match (protocol, &protocols.h2) {
+        (None, _) => Ok(()),
+        (Some(Protocol::Http2), Some(h2)) => {
+            let streams = Streams::new();
+            let service = Budgeted::new(service, streams.clone());
+            let connection = h2.serve_connection(io, service);
+            until_closing(connection, closing, streams.abusive()).await
+        }
+        // With HTTP/2 off, its preface reads as a bad HTTP/1.1 request.
+        (Some(_), _) => {
+            let connection = protocols.http.serve_connection(io, service).with_upgrades();
+            until_closing(connection, closing, std::future::pending()).await
         }
     }
 }
@@ -288,14 +362,30 @@ where
 }
 
 /// Drives `connection`; once `closing` changes, it finishes the requests
-/// in flight and closes.
-async fn until_closing<C: Graceful>(connection: C, mut closing: watch::Receiver<()>) -> C::Output {
+/// in flight and closes. Once `abusive` completes, it says GOAWAY and
+/// closes after at most [`ABUSE_GRACE`].
+async fn until_closing<C>(
+    connection: C,
+    mut closing: watch::Receiver<()>,
+    abusive: impl Future<Output = ()>,
+) -> hyper::Result<()>
+where
+    C: Graceful<Output = hyper::Result<()>>,
+{
     let mut connection = pin!(connection);
     tokio::select! {
         result = connection.as_mut() => result,
         _ = closing.changed() => {
             connection.as_mut().shut_down();
             connection.await
+        }
+        () = abusive => {
+            static THROTTLE: Throttle = Throttle::new(Duration::from_secs(1));
+            if let Some(held_back) = THROTTLE.allow() {
+                tracing::warn!(held_back, limit = EARLY_RESETS, "closing an HTTP/2 connection that cancelled most of its streams before their answer (rapid reset)");
+            }
+            connection.as_mut().shut_down();
+            tokio::time::timeout(ABUSE_GRACE, connection).await.unwrap_or(Ok(()))
         }
     }
 }
