@@ -31,6 +31,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    common::shutdown::survive_hangups();
     let cli = Cli::parse();
     let loaded = common::config::read(&cli.config)
         .and_then(|text| Config::parse(&cli.config, &text).map(|config| (config, text)));

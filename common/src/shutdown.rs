@@ -7,7 +7,9 @@
 //!
 //! SIGHUP is different: by convention (nginx, HAProxy) it means "read your
 //! config again", yet its default action kills the process on the spot,
-//! dropping every request in flight. [`ignore_hangup`] replaces that.
+//! dropping every request in flight. [`survive_hangups`], first thing in
+//! the runtime, replaces that for good; [`ignore_hangup`] also says so in
+//! the log when no config watcher will act on it.
 
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -24,6 +26,17 @@ pub async fn signal_received() {
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM received, shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C received, shutting down"),
+    }
+}
+
+/// From now on SIGHUP no longer kills the process. tokio's handler replaces
+/// the default action for the rest of the process's life, even once the
+/// stream is dropped; a SIGHUP before the config watcher runs is lost, and
+/// harmless: the watcher reads the file when it starts. Call it first thing
+/// inside the runtime, before binding or discovery.
+pub fn survive_hangups() {
+    if let Err(error) = signal(SignalKind::hangup()) {
+        tracing::warn!(%error, "cannot handle SIGHUP; it would stop the process");
     }
 }
 

@@ -24,7 +24,10 @@ use serde::{Deserialize, Serialize};
 /// Where the ConfigMap is mounted in the pod.
 pub const DEFAULT_PATH: &str = "/etc/config/config.json";
 
-/// A round-robin HTTP load balancer that discovers its backends from Kubernetes.
+/// An HTTP and TCP load balancer that discovers its backends from Kubernetes
+/// (EndpointSlices, Endpoints, Pods or Server resources) or a fixed list, and
+/// picks one per request or connection (round robin, least connections,
+/// power of two, weighted, random).
 #[derive(Debug, Clone, Parser)]
 #[command(version)]
 pub struct Cli {
@@ -35,7 +38,8 @@ pub struct Cli {
     /// Listen for traffic on this port instead of the config's `port`.
     #[arg(long)]
     pub port: Option<u16>,
-    /// Serve /healthz and /readyz on this port instead of the config's `adminPort`.
+    /// Serve the admin port (`/`, `/healthz`, `/readyz`, `/backends`,
+    /// `/metrics`) here instead of on the config's `adminPort`.
     #[arg(long)]
     pub admin_port: Option<u16>,
     /// A fixed list of backends (IP:port, comma-separated); implies static discovery.
@@ -91,7 +95,7 @@ pub enum Mode {
 pub struct FileConfig {
     /// Port for proxied traffic.
     pub port: u16,
-    /// Port for `/healthz`, `/readyz` and `/backends`, kept apart so no
+    /// Port for `/`, `/healthz`, `/readyz`, `/backends` and `/metrics`, kept apart so no
     /// proxied path is reserved.
     pub admin_port: u16,
     pub discovery: DiscoveryKind,

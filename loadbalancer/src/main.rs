@@ -19,6 +19,7 @@ fn main() -> ExitCode {
     };
     raise_file_limit();
     runtime.block_on(async {
+        common::shutdown::survive_hangups();
         let listeners = match Listeners::bind(&settings) {
             Ok(listeners) => listeners,
             Err(error) => return fail(&error),

@@ -12,7 +12,14 @@
 //!   on: a client that sends its query and then `shutdown(SHUT_WR)` still
 //!   receives the whole answer.
 //! - **Idle timeout.** A connection that moves no byte either way for
-//!   `tcpIdleTimeoutMs` is closed.
+//!   `tcpIdleTimeoutMs` is closed; before its first byte (either way: a
+//!   database greets first), the shorter `tcpFirstByteTimeoutMs` applies,
+//!   as nginx `stream`'s and HAProxy's client timeouts do, so clients that
+//!   connect and say nothing cannot pile up.
+//! - **Our own shortage is not the backend's fault.** Out of file
+//!   descriptors or local ports, a connect fails whichever backend we ask:
+//!   the backend is not ejected, no other is tried, and one line a second
+//!   says so.
 //! - **Draining.** When its backend leaves the set, a connection goes on
 //!   for up to `drainTimeoutMs`, then is closed; new connections go to the
 //!   backends that remain.
@@ -29,10 +36,11 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use common::telemetry::Throttle;
 use futures_util::FutureExt;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
@@ -53,6 +61,7 @@ struct TcpSettings {
     retries: u32,
     drain_timeout: Duration,
     idle_timeout: Duration,
+    first_byte_timeout: Duration,
     access_log: bool,
 }
 
@@ -178,6 +187,13 @@ impl TcpProxy {
                     self.balancer.record(&backend, Outcome::Success);
                     return Some((backend, stream));
                 }
+                Ok(Err(error)) if crate::proxy::is_local_io(&error) => {
+                    static THROTTLE: Throttle = Throttle::new(Duration::from_secs(1));
+                    if let Some(held_back) = THROTTLE.allow() {
+                        tracing::error!(%error, held_back, "the load balancer is out of file descriptors or local ports (not the backend's fault); closing the client's connection; raise the open file limit (ulimit -n) or lower the load");
+                    }
+                    return None;
+                }
                 Ok(Err(error)) => error.to_string(),
                 Err(_) => format!("no connection within {:?}", settings.connect_timeout),
             };
@@ -196,6 +212,7 @@ impl From<&Settings> for TcpSettings {
             retries: settings.retries,
             drain_timeout: settings.drain_timeout,
             idle_timeout: settings.tcp_idle_timeout,
+            first_byte_timeout: settings.tcp_first_byte_timeout,
             access_log: settings.access_log,
         }
     }
@@ -240,7 +257,7 @@ async fn relay(
     };
     tokio::select! {
         end = both => end,
-        () = activity.idle_for(settings.idle_timeout) => End::Idle,
+        () = activity.idle_for(settings.first_byte_timeout, settings.idle_timeout) => End::Idle,
         () = drained => End::Drained,
     }
 }
@@ -330,11 +347,13 @@ fn read(from: &ReadHalf<'_>, buffer: &mut Vec<u8>) -> Read {
     }
 }
 
-/// When bytes last moved on a connection, in ms since it opened.
+/// When bytes last moved on a connection, in ms since it opened, and
+/// whether any ever did.
 #[derive(Debug)]
 struct Activity {
     opened: Instant,
     last_ms: AtomicU64,
+    moved: AtomicBool,
 }
 
 impl Activity {
@@ -342,6 +361,7 @@ impl Activity {
         Activity {
             opened: Instant::now(),
             last_ms: AtomicU64::new(0),
+            moved: AtomicBool::new(false),
         }
     }
 
@@ -351,12 +371,19 @@ impl Activity {
 
     fn touch(&self) {
         self.last_ms.store(self.now_ms(), Relaxed);
+        self.moved.store(true, Relaxed);
     }
 
-    /// Completes once nothing has moved for `limit`.
-    async fn idle_for(&self, limit: Duration) {
-        let limit_ms = limit.as_millis() as u64;
+    /// Completes once nothing has moved for `limit`, or for `first` when
+    /// nothing has moved yet.
+    async fn idle_for(&self, first: Duration, limit: Duration) {
         loop {
+            let limit = if self.moved.load(Relaxed) {
+                limit
+            } else {
+                first
+            };
+            let limit_ms = limit.as_millis() as u64;
             let quiet = self.now_ms().saturating_sub(self.last_ms.load(Relaxed));
             if quiet >= limit_ms {
                 return;

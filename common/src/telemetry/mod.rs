@@ -71,7 +71,19 @@ pub fn parse_level(level: &str) -> Result<EnvFilter, String> {
             )));
         }
     }
-    EnvFilter::try_new(level).map_err(|e| refuse(e.to_string()))
+    EnvFilter::try_new(quiet_dependencies(level)).map_err(|e| refuse(e.to_string()))
+}
+
+/// kube's HTTP client logs an ERROR for every failed request to the API
+/// server: several a second while it is away. The load balancer's watch
+/// loop says the same once, with what to do, so kube's lines are off unless
+/// a filter names `kube_client` itself.
+fn quiet_dependencies(filter: &str) -> String {
+    if filter.contains("kube_client") {
+        filter.to_owned()
+    } else {
+        format!("{filter},kube_client=off")
+    }
 }
 
 /// Installs the global subscriber with the config's `level` and `format`,
@@ -80,7 +92,9 @@ pub fn parse_level(level: &str) -> Result<EnvFilter, String> {
 pub fn init(level: &str, format: LogFormat) -> Logging {
     let env_level = std::env::var("RUST_LOG").is_ok_and(|v| !v.is_empty());
     let filter = if env_level {
-        EnvFilter::from_default_env()
+        let from_env = std::env::var("RUST_LOG").unwrap_or_default();
+        EnvFilter::try_new(quiet_dependencies(&from_env))
+            .unwrap_or_else(|_| EnvFilter::from_default_env())
     } else {
         parse_level(level).unwrap_or_else(|_| EnvFilter::new("info"))
     };

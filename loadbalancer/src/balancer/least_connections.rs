@@ -2,8 +2,10 @@
 //!
 //! A slow backend holds its requests longer, so it has more in flight and
 //! gets fewer new ones: the load follows the capacity, which round robin
-//! cannot see. Ties (all idle, say) are broken by a rotating start, so an
-//! idle set is still used in turn instead of always the first backend.
+//! cannot see. Ties (all idle, say) go to each of the tied backends in turn,
+//! so an idle set is still used evenly: not "the first one after a rotating
+//! start", which hands the backend just after a run of ejected ones all of
+//! their turns.
 //! Each pick reads every backend's counter: fine for tens of backends (for
 //! thousands, see power of two choices).
 
@@ -24,11 +26,16 @@ impl Selection for LeastConnections {
         if n == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Relaxed);
+        let ticket = self.next.fetch_add(1, Relaxed);
+        let count = |i: &usize| backends[*i].stats.in_flight();
+        let first = (0..n).filter(|&i| usable(&backends[i])).min_by_key(count)?;
+        let fewest = count(&first);
+        let tied = |i: &usize| usable(&backends[*i]) && count(i) == fewest;
+        let ties = (0..n).filter(tied).count();
+        // A count may change between the passes: then the first found.
         (0..n)
-            .map(|offset| start.wrapping_add(offset) % n)
-            .filter(|&i| usable(&backends[i]))
-            // min_by_key keeps the first of equals: the rotation breaks ties.
-            .min_by_key(|&i| backends[i].stats.in_flight())
+            .filter(tied)
+            .nth(ticket % ties.max(1))
+            .or(Some(first))
     }
 }

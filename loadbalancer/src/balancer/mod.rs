@@ -604,29 +604,31 @@ mod tests {
 
     #[test]
     fn the_turns_of_ejected_backends_are_spread_over_the_others() {
-        let balancer = Balancer::new(Duration::from_secs(60));
-        balancer.set_outlier_policy(health::Policy {
-            max_ejection_percent: 100,
-            ..health::Policy::default()
-        });
-        let list: Vec<String> = (1..=30).map(|i| format!("10.0.0.{i}:80")).collect();
-        balancer.publish(&addrs(&list.iter().map(String::as_str).collect::<Vec<_>>()));
-        let backends = balancer.snapshot().backends.clone();
-        // The two left sit at the start of a run of 28 ejected backends:
-        // "the next usable one" would hand the second all 28 turns.
-        for backend in &backends[2..] {
-            balancer.record(backend, Outcome::ConnectFailure);
+        // Round robin, and least connections' ties (every backend idle):
+        // "the next usable one" would hand the second of the two left all
+        // the turns of the 28 ejected after it.
+        for algorithm in [Algorithm::RoundRobin, Algorithm::LeastConnections] {
+            let balancer = Balancer::new(Duration::from_secs(60));
+            balancer.set_algorithm(algorithm, &Weights::new());
+            balancer.set_outlier_policy(health::Policy {
+                max_ejection_percent: 100,
+                ..health::Policy::default()
+            });
+            let list: Vec<String> = (1..=30).map(|i| format!("10.0.0.{i}:80")).collect();
+            balancer.publish(&addrs(&list.iter().map(String::as_str).collect::<Vec<_>>()));
+            let backends = balancer.snapshot().backends.clone();
+            for backend in &backends[2..] {
+                balancer.record(backend, Outcome::ConnectFailure);
+            }
+            let picked = picks(&balancer, 3000);
+            let share =
+                |b: &Arc<Backend>| picked.iter().filter(|a| **a == b.addr.to_string()).count();
+            assert_eq!(
+                (share(&backends[0]), share(&backends[1])),
+                (1500, 1500),
+                "{algorithm:?}"
+            );
         }
-        let picked = picks(&balancer, 3000);
-        let first = picked
-            .iter()
-            .filter(|a| **a == backends[0].addr.to_string())
-            .count();
-        let second = picked
-            .iter()
-            .filter(|a| **a == backends[1].addr.to_string())
-            .count();
-        assert_eq!((first, second), (1500, 1500));
     }
 
     #[test]

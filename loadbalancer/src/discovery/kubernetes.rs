@@ -64,23 +64,25 @@ pub async fn watch<K, F>(
         })
         .reflect(writer);
     let mut events = std::pin::pin!(events);
-    let mut last_error: Option<String> = None;
+    // The kind of trouble we are in (a `reason` word), logged once.
+    let mut trouble: Option<&'static str> = None;
     let mut backoff = backoff();
 
     while let Some(event) = events.next().await {
-        if event.is_ok() {
-            backoff.reset();
-            status.event();
-        }
         match event {
-            // The store is swapped in whole at InitDone; before it, it still
-            // holds the previous list.
+            // kube-runtime yields `Init` before every list, also each time it
+            // retries one against an API server that is away: not progress.
+            // The store is swapped in whole at `InitDone`; until then it
+            // still holds the previous list.
             Ok(Event::Init | Event::InitApply(_)) => {}
             Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_)) => {
-                if last_error.take().is_some() {
+                backoff.reset();
+                if trouble.take().is_some() {
                     tracing::info!(resource = watched.resource, "watch restored");
                 }
                 publish(&balancer, &to_backends(store.state()).await);
+                // Both say "synced" from the same event: one truth.
+                status.event();
                 readiness.mark_synced();
             }
             Err(error) => {
@@ -88,13 +90,13 @@ pub async fn watch<K, F>(
                 balancer.totals.discovery_error(reason(&error));
                 status.error(&message);
                 // One line per kind of trouble, not one per retry.
-                if last_error.as_deref() != Some(message.as_str()) {
+                if trouble != Some(reason(&error)) {
                     if is_forbidden(&error) {
                         tracing::error!("{message}");
                     } else {
                         tracing::warn!(kept = balancer.snapshot().backends.len(), "{message}");
                     }
-                    last_error = Some(message);
+                    trouble = Some(reason(&error));
                 }
                 // After 410 Gone the watcher lists again at once, as
                 // client-go does: the server is answering, nothing to wait for.
@@ -111,7 +113,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// The pauses after errors: 250 ms, doubling up to [`MAX_BACKOFF`], each
 /// plus up to as much again at random so that replicas do not retry in
-/// step; reset by any event that arrives.
+/// step (so from 250 ms to 2 s apart); reset by a list or watch event that
+/// really arrives.
 ///
 /// client-go (and kube-rs's `default_backoff`) grow to 30 s, because
 /// thousands of kubelets and controllers reconnect to one API server when it

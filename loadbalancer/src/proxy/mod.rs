@@ -618,6 +618,11 @@ impl std::fmt::Display for Failure {
 /// Out of file descriptors, of kernel buffers or memory, or of local ports
 /// to connect from: all local, whichever backend we asked.
 fn is_local(error: &(dyn std::error::Error + 'static)) -> bool {
+    find_cause::<std::io::Error>(error).is_some_and(is_local_io)
+}
+
+/// [`is_local`] for an I/O error itself (TCP mode's connects).
+pub fn is_local_io(error: &std::io::Error) -> bool {
     const LOCAL: [Errno; 5] = [
         Errno::EMFILE,
         Errno::ENFILE,
@@ -625,8 +630,8 @@ fn is_local(error: &(dyn std::error::Error + 'static)) -> bool {
         Errno::ENOMEM,
         Errno::EADDRNOTAVAIL,
     ];
-    find_cause::<std::io::Error>(error)
-        .and_then(std::io::Error::raw_os_error)
+    error
+        .raw_os_error()
         .is_some_and(|code| LOCAL.contains(&Errno::from_raw(code)))
 }
 
