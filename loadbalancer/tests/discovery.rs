@@ -8,6 +8,7 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::OpenOptionsExt;
 
 use common::testkit::{Http, PATIENCE, poll};
 use fake_apiserver::{FakeApiServer, meta};
@@ -568,4 +569,130 @@ async fn the_v1_endpoints_source_follows_ready_addresses() {
         .apply_endpoints(endpoints_object(port, &[&pods[2]], &[&pods[0], &pods[1]]));
     wait_for_backends(&mut c.lb, mark, 1);
     assert_eq!(spread(&c.lb, 5).await, evenly(&[&pods[2]], 5));
+}
+
+/// The `unreachable` count of discovery errors, from `/metrics`.
+async fn unreachable_errors(lb: &LoadBalancer) -> u64 {
+    let metrics = Http::new().get(&lb.admin_url("/metrics")).await.body;
+    let metrics = String::from_utf8(metrics.to_vec()).unwrap();
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("loadbalancer_discovery_errors_total{reason=\"unreachable\"} ")
+        })
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// While the API server refuses connections, the attempts space out (250
+/// ms doubling to 1 s, each plus up to as much again), the status says since
+/// when it has failed and that no event came, and it is logged once.
+#[tokio::test]
+async fn while_the_api_server_is_away_retries_back_off_and_say_so_once() {
+    let (pods, port) = start_pods(23, 2);
+    let mut c = cluster("endpointslices", port, |api| {
+        api.apply_slice(ready_slice("backend-abc", port, &[&pods[0], &pods[1]]))
+    })
+    .await;
+    wait_for_backends(&mut c.lb, 0, 2);
+    let http = Http::new();
+    let synced = http.get(&c.lb.admin_url("/backends")).await.json()["discovery"].clone();
+
+    let mark = c.lb.process.mark();
+    c.api.stop();
+    // A change made meanwhile, for the watch to see when it is back.
+    c.api
+        .apply_slice_unseen(ready_slice("backend-abc", port, &[&pods[0]]));
+    // When each attempt failed, polled every 20 ms, until seven did.
+    let mut failed_at = Vec::new();
+    let mut seen = unreachable_errors(&c.lb).await;
+    let started = std::time::Instant::now();
+    while failed_at.len() < 7 && started.elapsed() < PATIENCE {
+        let now = unreachable_errors(&c.lb).await;
+        if now > seen {
+            failed_at.push(std::time::Instant::now());
+            seen = now;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(failed_at.len(), 7, "attempts seen within {PATIENCE:?}");
+    let gaps: Vec<u128> = failed_at
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
+    // The first gaps may be short (250 ms at least, doubling); the last
+    // ones are at the cap: 1 s, plus jitter up to as much again.
+    assert!(gaps.iter().all(|&g| (200..=2_300).contains(&g)), "{gaps:?}");
+    assert!(gaps[3..].iter().all(|&g| g >= 900), "never grew: {gaps:?}");
+
+    let status = http.get(&c.lb.admin_url("/backends")).await.json()["discovery"].clone();
+    assert_eq!(status["state"], "retrying", "{status}");
+    assert_eq!(
+        status["lastEvent"], synced["lastEvent"],
+        "no event came: {status}"
+    );
+    let since: jiff::Timestamp = status["since"].as_str().unwrap().parse().unwrap();
+    assert!(
+        jiff::Timestamp::now().duration_since(since) > jiff::SignedDuration::from_secs(4),
+        "`since` must say when the failing began: {status}"
+    );
+    let lines: Vec<_> = c.lb.process.logs().into_iter().skip(mark).collect();
+    let warnings = lines.iter().filter(|l| l["level"] == "WARN").count();
+    let errors = lines.iter().filter(|l| l["level"] == "ERROR").count();
+    assert_eq!(
+        (warnings, errors),
+        (1, 0),
+        "one line for the outage: {lines:#?}"
+    );
+
+    c.api.restart().await;
+    c.lb.process
+        .wait_for_log_since(mark, "watch restored", |l| l["level"] == "INFO");
+}
+
+/// A SIGHUP that arrives while the load balancer is still starting (here:
+/// reading its kubeconfig, which is a pipe that nobody writes yet) must not
+/// kill it: the config watcher that answers SIGHUP is not running yet.
+#[tokio::test]
+async fn a_sighup_during_startup_does_not_kill_the_process() {
+    use std::io::Write;
+    let api = FakeApiServer::start(NAMESPACE).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("kubeconfig");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo (coreutils)");
+    assert!(made.success());
+    let config = write_config(&json!({
+        "port": 0, "adminPort": 0, "discovery": "endpointslices",
+        "backendServiceName": "backend", "backendPort": 8080,
+    }));
+    let mut command = std::process::Command::new(common::testkit::binary("loadbalancer"));
+    command
+        .args(["--host", "127.0.0.1", "--config"])
+        .arg(config.path())
+        .env("KUBECONFIG", &fifo)
+        .env("POD_NAMESPACE", NAMESPACE);
+    // Not `LoadBalancer::start`: that waits for the ports, and this one is
+    // held up until the kubeconfig comes.
+    let mut lb = common::testkit::Process::start("loadbalancer", command);
+    // Opening the pipe without waiting works once the reader has it open.
+    let writer = poll(PATIENCE, || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&fifo)
+            .ok()
+    });
+    let mut writer = writer.expect("the load balancer never opened its kubeconfig");
+    lb.signal(nix::sys::signal::Signal::SIGHUP);
+    // kube reads the kubeconfig more than once: later reads find a file.
+    let kubeconfig = api.kubeconfig_yaml(NAMESPACE);
+    let file = dir.path().join("kubeconfig.yaml");
+    std::fs::write(&file, &kubeconfig).unwrap();
+    std::fs::rename(&file, &fifo).unwrap();
+    writer.write_all(kubeconfig.as_bytes()).unwrap();
+    drop(writer);
+    lb.wait_for_log("listening", |_| true);
+    assert!(lb.is_running(), "killed by a SIGHUP during startup");
 }

@@ -91,6 +91,12 @@ async fn with_every_backend_down_requests_get_503_json() {
     }
     let listed = http.get(&lb.admin_url("/backends")).await.json();
     assert_eq!(listed["backends"][0]["coolingDown"], true);
+    // The cause, said once: not "refused (os error 111): ...refused (os error 111)".
+    let error = listed["backends"][0]["lastError"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(error.matches("os error").count(), 1, "{error}");
 }
 
 #[tokio::test]

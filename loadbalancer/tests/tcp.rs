@@ -270,3 +270,82 @@ async fn on_sigterm_open_connections_finish_and_new_ones_are_refused() {
     };
     assert!(said("all connections closed"), "{:?}", lb.process.logs());
 }
+
+/// A TCP backend that accepts and then says and reads nothing.
+async fn mute_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_connection_that_moves_no_first_byte_is_closed_long_before_the_idle_timeout() {
+    let upstream = mute_upstream().await;
+    let lb = start_load_balancer(
+        &[upstream],
+        json!({ "mode": "tcp", "tcpFirstByteTimeoutMs": 300, "tcpIdleTimeoutMs": 600000 }),
+    );
+    let closed = wait_for_close(lb.addr, b"").await;
+    assert!(
+        closed.is_some(),
+        "a client that said nothing to a backend that said nothing kept its connection"
+    );
+}
+
+#[tokio::test]
+async fn out_of_file_descriptors_tcp_mode_never_ejects_a_backend_and_still_stops_on_sigterm() {
+    let backends = start_tcp_backends(1);
+    let config = json!({
+        "port": 0, "adminPort": 0, "drainDelayMs": 200, "mode": "tcp",
+        "discovery": "static", "backends": [backends[0].1.to_string()],
+        "cooldownMs": 30000, "headerReadTimeoutMs": 60000,
+    });
+    let file = write_config(&config);
+    let mut command = std::process::Command::new("prlimit");
+    command
+        .arg("--nofile=64:64")
+        .arg("--")
+        .arg(common::testkit::binary("loadbalancer"))
+        .args(["--host", "127.0.0.1", "--config"])
+        .arg(file.path());
+    let mut lb = LoadBalancer::start(command, Some(file));
+    lb.process
+        .wait_for_log("open file limit", |l| l["limit"] == 64);
+
+    // Each relayed connection takes two descriptors: fill them all.
+    let mut clients = Vec::new();
+    for _ in 0..60 {
+        clients.push(TcpStream::connect(lb.addr).await.unwrap());
+    }
+    lb.process
+        .wait_for_log("the load balancer is out of file descriptors", |l| {
+            l["level"] == "ERROR"
+        });
+    let listed = Http::new().get(&lb.admin_url("/backends")).await.json();
+    assert_eq!(listed["backends"][0]["coolingDown"], false, "{listed}");
+    let tried_others = lb
+        .process
+        .logs()
+        .iter()
+        .filter(|l| l["message"] == "cannot connect to backend; trying another")
+        .count();
+    assert_eq!(
+        tried_others, 0,
+        "our own shortage was blamed on the backend"
+    );
+
+    // Starved, it still stops when told to: the clients close theirs.
+    lb.process.terminate();
+    drop(clients);
+    let exited = poll(PATIENCE, || (!lb.process.is_running()).then_some(()));
+    assert!(
+        exited.is_some(),
+        "SIGTERM did not stop a starved load balancer"
+    );
+}

@@ -173,12 +173,6 @@ impl<B> Timed<B> {
         }
     }
 
-    /// Marks the body as read by an HTTP/2 peer (see "It is not taken").
-    pub fn read_over_http2(mut self, http2: bool) -> Timed<B> {
-        self.flow_controlled = http2;
-        self
-    }
-
     fn upload_is(&self, state: UploadState) -> bool {
         self.upload
             .as_ref()
@@ -221,6 +215,24 @@ impl<B> Timed<B> {
 }
 
 impl<B: Body + Unpin + Send + 'static> Timed<B> {
+    /// Marks the body as read by an HTTP/2 peer (see "It is not taken"):
+    /// watched from the start, since a peer whose window is shut from the
+    /// start never asks for the first chunk either.
+    pub fn read_over_http2(mut self, http2: bool) -> Timed<B> {
+        self.flow_controlled = http2;
+        if !self.is_end_stream_of_inner() {
+            self.start_watching();
+        }
+        self
+    }
+
+    fn is_end_stream_of_inner(&self) -> bool {
+        match &self.inner {
+            Inner::Own(body, _) => body.is_end_stream(),
+            Inner::Watched(_) => false,
+        }
+    }
+
     /// Hands the body to a watchdog: from now on, a chunk not asked for
     /// within `idle` ends it.
     fn start_watching(&mut self) {
@@ -256,7 +268,7 @@ impl<B: Body + Unpin + Send + 'static> Timed<B> {
     fn poll_inner(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Option<Poll<Option<Result<Frame<B::Data>, B::Error>>>> {
+    ) -> Option<Polled<B>> {
         match &mut self.inner {
             Inner::Own(body, _) => Some(Pin::new(body).poll_frame(cx)),
             Inner::Watched(watched) => {
@@ -269,6 +281,9 @@ impl<B: Body + Unpin + Send + 'static> Timed<B> {
         }
     }
 }
+
+/// What polling a body for its next frame gives.
+type Polled<B> = Poll<Option<Result<Frame<<B as Body>::Data>, <B as Body>::Error>>>;
 
 /// A body that a watchdog looks after.
 #[derive(Debug)]
