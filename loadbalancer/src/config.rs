@@ -651,6 +651,20 @@ mod tests {
         Cli::try_parse_from(std::iter::once("loadbalancer").chain(args.iter().copied())).unwrap()
     }
 
+    #[test]
+    fn the_help_says_what_the_binary_does_and_what_the_admin_port_serves() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("An HTTP and TCP load balancer"), "{help}");
+        assert!(!help.contains("round-robin HTTP load balancer"), "{help}");
+        for route in ["/healthz", "/readyz", "/backends", "/metrics"] {
+            assert!(
+                help.contains(route),
+                "--admin-port help lacks {route}: {help}"
+            );
+        }
+    }
+
     fn settings(json: &str, args: &[&str]) -> Result<Settings, String> {
         let path = Path::new("lb.json");
         common::config::parse::<FileConfig>(path, json)

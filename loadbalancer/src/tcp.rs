@@ -377,18 +377,24 @@ impl Activity {
     /// Completes once nothing has moved for `limit`, or for `first` when
     /// nothing has moved yet.
     async fn idle_for(&self, first: Duration, limit: Duration) {
+        let (first_ms, limit_ms) = (first.as_millis() as u64, limit.as_millis() as u64);
         loop {
-            let limit = if self.moved.load(Relaxed) {
-                limit
+            let allowed = if self.moved.load(Relaxed) {
+                limit_ms
             } else {
-                first
+                first_ms
             };
-            let limit_ms = limit.as_millis() as u64;
             let quiet = self.now_ms().saturating_sub(self.last_ms.load(Relaxed));
-            if quiet >= limit_ms {
+            if quiet >= allowed {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(limit_ms - quiet)).await;
+            // A first byte may come meanwhile and bring in `limit`: look
+            // again by then too.
+            let mut wait = allowed - quiet;
+            if quiet < limit_ms {
+                wait = wait.min(limit_ms - quiet);
+            }
+            tokio::time::sleep(Duration::from_millis(wait)).await;
         }
     }
 }

@@ -304,7 +304,7 @@ async fn out_of_file_descriptors_tcp_mode_never_ejects_a_backend_and_still_stops
     let config = json!({
         "port": 0, "adminPort": 0, "drainDelayMs": 200, "mode": "tcp",
         "discovery": "static", "backends": [backends[0].1.to_string()],
-        "cooldownMs": 30000, "headerReadTimeoutMs": 60000,
+        "cooldownMs": 30000, "shutdownTimeoutMs": 1000,
     });
     let file = write_config(&config);
     let mut command = std::process::Command::new("prlimit");

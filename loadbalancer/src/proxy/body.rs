@@ -265,10 +265,7 @@ impl<B: Body + Unpin + Send + 'static> Timed<B> {
     }
 
     /// The next frame of the inner body; `None` once the watchdog took it.
-    fn poll_inner(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Option<Polled<B>> {
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Option<Polled<B>> {
         match &mut self.inner {
             Inner::Own(body, _) => Some(Pin::new(body).poll_frame(cx)),
             Inner::Watched(watched) => {
