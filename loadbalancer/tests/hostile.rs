@@ -244,7 +244,7 @@ async fn an_http2_client_that_keeps_its_window_shut_frees_its_backend() {
 
 #[tokio::test]
 async fn a_backend_that_never_reads_an_upload_gets_it_cut_off() {
-    let upstream = deaf_upstream().await;
+    let upstream = mute_upstream().await;
     let lb = start_load_balancer(
         &[upstream],
         json!({ "bodyIdleTimeoutMs": 500, "requestTimeoutMs": 600000 }),
@@ -264,19 +264,6 @@ async fn a_backend_that_never_reads_an_upload_gets_it_cut_off() {
         .expect("no answer while the backend took nothing");
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
     uploading.abort();
-}
-
-/// A backend that accepts connections and never reads from them.
-async fn deaf_upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            held.push(stream);
-        }
-    });
-    addr
 }
 
 async fn read_response_from(reader: &mut tokio::net::tcp::OwnedReadHalf) -> String {

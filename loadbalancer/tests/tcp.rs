@@ -271,19 +271,6 @@ async fn on_sigterm_open_connections_finish_and_new_ones_are_refused() {
     assert!(said("all connections closed"), "{:?}", lb.process.logs());
 }
 
-/// A TCP backend that accepts and then says and reads nothing.
-async fn mute_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            held.push(stream);
-        }
-    });
-    addr
-}
-
 #[tokio::test]
 async fn a_connection_that_moves_no_first_byte_is_closed_long_before_the_idle_timeout() {
     let upstream = mute_upstream().await;

@@ -276,6 +276,20 @@ pub async fn silent_upstream() -> SocketAddr {
     addr
 }
 
+/// A backend that accepts connections and then neither reads nor writes:
+/// the kernel's buffers fill and stay full.
+pub async fn mute_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    addr
+}
+
 /// Connects to `addr`, sends `bytes` (maybe nothing), and waits (bounded
 /// by [`PATIENCE`]) for the server to close the connection. Returns what it
 /// sent back, or `None` if it kept the connection open.
