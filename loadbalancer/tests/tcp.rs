@@ -325,8 +325,8 @@ async fn out_of_file_descriptors_tcp_mode_never_ejects_a_backend_and_still_stops
         }
         let connect_failed = poll(PATIENCE / 3, || {
             let logs = lb.process.logs();
-            logs[mark..]
-                .iter()
+            logs.iter()
+                .skip(mark)
                 .any(|l| l["level"] == "ERROR")
                 .then_some(())
         });
