@@ -36,7 +36,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -45,7 +45,7 @@ use common::serve::Slot;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use super::pool::Lease;
+use super::pool::{Lease, lock};
 use super::source_chain;
 use crate::metrics::InFlight;
 
@@ -107,9 +107,6 @@ pub struct Timed<B> {
     waiting: bool,
     side: Side,
     upload: Option<Arc<Upload>>,
-    /// Whether the body is read through HTTP/2 flow control, and so needs a
-    /// watchdog once it streams.
-    flow_controlled: bool,
 }
 
 /// The body and what it holds: ours alone, or shared with its watchdog.
@@ -169,7 +166,6 @@ impl<B> Timed<B> {
             waiting: false,
             side,
             upload,
-            flow_controlled: false,
         }
     }
 
@@ -219,26 +215,15 @@ impl<B: Body + Unpin + Send + 'static> Timed<B> {
     /// watched from the start, since a peer whose window is shut from the
     /// start never asks for the first chunk either.
     pub fn read_over_http2(mut self, http2: bool) -> Timed<B> {
-        self.flow_controlled = http2;
-        if !self.is_end_stream_of_inner() {
+        if http2 && matches!(&self.inner, Inner::Own(body, _) if !body.is_end_stream()) {
             self.start_watching();
         }
         self
     }
 
-    fn is_end_stream_of_inner(&self) -> bool {
-        match &self.inner {
-            Inner::Own(body, _) => body.is_end_stream(),
-            Inner::Watched(_) => false,
-        }
-    }
-
     /// Hands the body to a watchdog: from now on, a chunk not asked for
     /// within `idle` ends it.
     fn start_watching(&mut self) {
-        if !self.flow_controlled || matches!(self.inner, Inner::Watched(_)) {
-            return;
-        }
         let watched = Arc::new(Watched {
             parts: Mutex::new(None),
             since: Instant::now(),
@@ -357,8 +342,6 @@ where
                 this.set_waiting(false);
                 if this.is_end_stream() {
                     this.finished();
-                } else {
-                    this.start_watching();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -429,12 +412,6 @@ impl<B> Timed<B> {
         let error = self.fail(BodyError::Stalled(self.idle));
         Poll::Ready(Some(Err(error)))
     }
-}
-
-/// A poisoned lock still guards a usable body: a panic elsewhere must not
-/// stop the stream.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

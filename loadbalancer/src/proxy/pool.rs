@@ -222,8 +222,8 @@ async fn connect(addr: SocketAddr, timeouts: Timeouts) -> Result<Socket, Connect
     Ok(TokioIo::new(Box::pin(stream)))
 }
 
-/// A poisoned lock still holds valid connections: a panic elsewhere must
-/// not stop traffic.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+/// A poisoned lock still holds valid connections (or a usable body): a
+/// panic elsewhere must not stop traffic.
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
