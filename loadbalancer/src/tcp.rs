@@ -74,6 +74,15 @@ pub struct TcpProxy {
     all_closed: Notify,
 }
 
+/// Why no backend connection could be made for a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoConnection {
+    /// None is left to try (none known, or every one tried failed).
+    NoBackend,
+    /// We are out of file descriptors or local ports: no backend is to blame.
+    OwnShortage,
+}
+
 /// Why a relayed connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -148,9 +157,14 @@ impl TcpProxy {
     /// One client connection: a backend, then bytes both ways.
     async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
         let settings = self.settings.load_full();
-        let Some((backend, mut upstream)) = self.connect(&settings).await else {
-            tracing::warn!(client = %peer, "no backend could take the TCP connection; closing it");
-            return;
+        let (backend, mut upstream) = match self.connect(&settings).await {
+            Ok(connected) => connected,
+            Err(NoConnection::NoBackend) => {
+                tracing::warn!(client = %peer, "no backend could take the TCP connection; closing it");
+                return;
+            }
+            // Said in `connect`, once a second.
+            Err(NoConnection::OwnShortage) => return,
         };
         let _in_flight = InFlight::start(backend.clone());
         let tcp = &backend.stats.tcp;
@@ -172,27 +186,31 @@ impl TcpProxy {
 
     /// A connection to a backend: the algorithm's pick, and on a failed
     /// connect another backend (nothing was sent yet), up to `retries` more.
-    async fn connect(&self, settings: &TcpSettings) -> Option<(Arc<Backend>, TcpStream)> {
+    async fn connect(
+        &self,
+        settings: &TcpSettings,
+    ) -> Result<(Arc<Backend>, TcpStream), NoConnection> {
         let mut tried = Vec::new();
         for attempt in 0..=settings.retries {
             let backend = if attempt == 0 {
                 self.balancer.pick_first().await
             } else {
                 self.balancer.pick(&tried)
-            }?;
+            }
+            .ok_or(NoConnection::NoBackend)?;
             let connect = TcpStream::connect(backend.addr);
             let error = match tokio::time::timeout(settings.connect_timeout, connect).await {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
                     self.balancer.record(&backend, Outcome::Success);
-                    return Some((backend, stream));
+                    return Ok((backend, stream));
                 }
                 Ok(Err(error)) if crate::proxy::is_local_io(&error) => {
                     static THROTTLE: Throttle = Throttle::new(Duration::from_secs(1));
                     if let Some(held_back) = THROTTLE.allow() {
                         tracing::error!(%error, held_back, "the load balancer is out of file descriptors or local ports (not the backend's fault); closing the client's connection; raise the open file limit (ulimit -n) or lower the load");
                     }
-                    return None;
+                    return Err(NoConnection::OwnShortage);
                 }
                 Ok(Err(error)) => error.to_string(),
                 Err(_) => format!("no connection within {:?}", settings.connect_timeout),
@@ -201,7 +219,7 @@ impl TcpProxy {
             self.balancer.record(&backend, Outcome::ConnectFailure);
             tried.push(backend.addr);
         }
-        None
+        Err(NoConnection::NoBackend)
     }
 }
 

@@ -351,11 +351,13 @@ async fn out_of_file_descriptors_tcp_mode_never_ejects_a_backend_and_still_stops
         .filter(|l| {
             l["message"] == "cannot connect to backend; trying another"
                 || l["message"] == "backend ejected from the rotation"
+                // One throttled line says it; not one per client.
+                || l["message"] == "no backend could take the TCP connection; closing it"
         })
         .collect();
     assert!(
         blamed.is_empty(),
-        "our own shortage was blamed on the backend: {blamed:?}"
+        "our own shortage was blamed on the backend, or logged per client: {blamed:?}"
     );
 
     // Starved, it still stops when told to, within its shutdown timeout.
