@@ -15,7 +15,9 @@ a log line costs; and its peak RSS after streaming a 1 GiB upload
 through it.
 
 Environment: BENCH_SECONDS (default 10), BENCH_CONNECTIONS (default 32),
-BENCH_ONLY=loadbalancer to measure only the load balancer (while tuning).
+BENCH_ONLY=loadbalancer to measure only the load balancer (while tuning),
+BENCH_ONLY=instructions to count only its instructions per request (while
+refactoring: the figure to hold steady).
 Results are printed and written to target/bench/results.json.
 """
 
@@ -310,6 +312,8 @@ def main():
         wait_http(f"http://127.0.0.1:{port}/healthz", process)
         upstreams.append(f"127.0.0.1:{port}")
 
+    if os.environ.get("BENCH_ONLY") == "instructions":
+        return count_only_loadbalancer(release, upstreams, quiet)
     lb_port, admin_port, nginx_port = free_port(), free_port(), free_port()
     lb = start([str(release / "loadbalancer"), "--host", "127.0.0.1", "--port", str(lb_port),
                 "--admin-port", str(admin_port), "--backends", ",".join(upstreams)], PROXY_CPU, quiet)
@@ -356,6 +360,16 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     say(f"\nwritten to {out / 'results.json'}")
+
+
+def count_only_loadbalancer(release, upstreams, env):
+    """BENCH_ONLY=instructions: the callgrind figures of the load balancer alone."""
+    port, admin = free_port(), free_port()
+    command = [str(release / "loadbalancer"), "--host", "127.0.0.1", "--port", str(port),
+               "--admin-port", str(admin), "--backends", ",".join(upstreams)]
+    for mode, load in [("keep-alive", "keep-alive"), ("new connection per request", "new connection")]:
+        counted = instructions_per_request(command, f"http://127.0.0.1:{port}/", env, load)
+        say(f"user-space instructions per request, {mode} (callgrind): loadbalancer {counted:.0f}")
 
 
 def report(results):

@@ -9,6 +9,7 @@ use backend::identity::Identity;
 use backend::reload::Live;
 use backend::routes::AppState;
 use clap::Parser;
+use tokio::net::TcpListener;
 
 /// An HTTP service that answers with the name of the pod that served the request.
 #[derive(Debug, Parser)]
@@ -33,61 +34,16 @@ struct Cli {
 async fn main() -> ExitCode {
     common::shutdown::survive_hangups();
     let cli = Cli::parse();
-    let loaded = common::config::read(&cli.config)
-        .and_then(|text| Config::parse(&cli.config, &text).map(|config| (config, text)));
-    let (mut config, text) = match loaded {
+    let (config, text) = match load(&cli) {
         Ok(loaded) => loaded,
-        Err(error) => {
-            eprintln!("backend: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(error) => return fail(&error),
     };
-    if let Some(delay) = cli.response_delay_ms {
-        if delay > 60_000 {
-            eprintln!("backend: --response-delay-ms: {delay} is out of range: use 0 to 60000");
-            return ExitCode::FAILURE;
-        }
-        config.response_delay_ms = delay;
-    }
     let logging = common::telemetry::init(&config.log_level, config.log_format);
-    let addr = SocketAddr::new(cli.host, cli.port.unwrap_or(config.port));
-    let listener = match common::serve::bind(addr, common::serve::DEFAULT_BACKLOG) {
-        Ok(listener) => listener,
-        Err(error) => {
-            eprintln!("backend: cannot listen on {addr}: {error} (choose another with --port)");
-            return ExitCode::FAILURE;
-        }
+    let (listener, tcp_listener) = match bind(&cli, &config) {
+        Ok(bound) => bound,
+        Err(error) => return fail(&error),
     };
-
-    let tcp_listener = match config.tcp_port {
-        Some(port) => {
-            let addr = SocketAddr::new(cli.host, port);
-            match common::serve::bind(addr, common::serve::DEFAULT_BACKLOG) {
-                Ok(listener) => Some(listener),
-                Err(error) => {
-                    eprintln!("backend: cannot listen on {addr} (tcpPort): {error}");
-                    return ExitCode::FAILURE;
-                }
-            }
-        }
-        None => None,
-    };
-
-    let (identity, missing) = Identity::from_env(
-        |name| std::env::var(name).ok(),
-        &config.service_name,
-        cli.host,
-    );
-    if !missing.is_empty() {
-        tracing::info!(
-            ?missing,
-            pod_name = identity.pod_name,
-            pod_ip = identity.pod_ip,
-            "Downward API variables unset (not in Kubernetes?): using the hostname and listen address instead"
-        );
-    }
-    tracing::info!(config = %cli.config.display(), ?identity, "starting");
-
+    let identity = identity(&cli, &config);
     if let Some(listener) = tcp_listener {
         let addr = listener
             .local_addr()
@@ -113,19 +69,65 @@ async fn main() -> ExitCode {
     tokio::spawn(common::reload::watch(cli.config, text, move |text| {
         live.apply(text)
     }));
-
-    match backend::server::run(
-        listener,
-        state,
-        header_read_timeout,
-        common::shutdown::signal_received(),
-    )
-    .await
-    {
+    let shutdown = common::shutdown::signal_received();
+    match backend::server::run(listener, state, header_read_timeout, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("backend: serving failed: {error}");
-            ExitCode::FAILURE
-        }
+        Err(error) => fail(&format!("serving failed: {error}")),
     }
+}
+
+fn fail(error: &str) -> ExitCode {
+    eprintln!("backend: {error}");
+    ExitCode::FAILURE
+}
+
+/// The config file with the flags over it, and its text (to notice changes).
+fn load(cli: &Cli) -> Result<(Config, String), String> {
+    let text = common::config::read(&cli.config).map_err(|e| e.to_string())?;
+    let mut config = Config::parse(&cli.config, &text).map_err(|e| e.to_string())?;
+    if let Some(delay) = cli.response_delay_ms {
+        if delay > 60_000 {
+            return Err(format!(
+                "--response-delay-ms: {delay} is out of range: use 0 to 60000"
+            ));
+        }
+        config.response_delay_ms = delay;
+    }
+    Ok((config, text))
+}
+
+/// The HTTP listener, and the TCP one with `tcpPort`.
+fn bind(cli: &Cli, config: &Config) -> Result<(TcpListener, Option<TcpListener>), String> {
+    let bind = |port: u16| {
+        let addr = SocketAddr::new(cli.host, port);
+        common::serve::bind(addr, common::serve::DEFAULT_BACKLOG).map_err(|error| (addr, error))
+    };
+    let listener = bind(cli.port.unwrap_or(config.port)).map_err(|(addr, error)| {
+        format!("cannot listen on {addr}: {error} (choose another with --port)")
+    })?;
+    let tcp = config
+        .tcp_port
+        .map(bind)
+        .transpose()
+        .map_err(|(addr, error)| format!("cannot listen on {addr} (tcpPort): {error}"))?;
+    Ok((listener, tcp))
+}
+
+/// Who this pod is, said in the log.
+fn identity(cli: &Cli, config: &Config) -> Identity {
+    let (identity, missing) = Identity::from_env(
+        |name| std::env::var(name).ok(),
+        &config.service_name,
+        cli.host,
+    );
+    if !missing.is_empty() {
+        tracing::info!(
+            ?missing,
+            pod_name = identity.pod_name,
+            pod_ip = identity.pod_ip,
+            "Downward API variables unset (not in Kubernetes?): using the hostname and listen address instead"
+        );
+    }
+    tracing::info!(config = %cli.config.display(), ?identity, "starting");
+    identity
 }

@@ -19,14 +19,18 @@
 //!   shutdown.
 //! - [`shutdown`]: a future that completes on SIGTERM or Ctrl-C; SIGHUP
 //!   ignored instead of fatal.
+//! - [`errors`]: an error as one line, its causes included.
+//! - [`sync`]: the one policy for a poisoned lock.
 //! - `testkit` (feature `testkit`, tests only): start the real binaries, wait
 //!   for them, poll with a bound, talk HTTP.
 
 pub mod config;
+pub mod errors;
 pub mod exposition;
 pub mod reload;
 pub mod serve;
 pub mod shutdown;
+pub mod sync;
 pub mod telemetry;
 
 #[cfg(feature = "testkit")]

@@ -649,39 +649,16 @@ fn answer(
     let forbid_this = world.forbid_next > 0;
     world.forbid_next = world.forbid_next.saturating_sub(1);
     if world.forbidden || forbid_this {
-        let verb = if params.is_watch() { "watch" } else { "list" };
-        let resource = kind.resource();
-        return status(
-            StatusCode::FORBIDDEN,
-            "Forbidden",
-            format!(
-                "{resource} is forbidden: User \"system:serviceaccount:{namespace}:loadbalancer\" \
-                 cannot {verb} resource \"{resource}\" in API group \"\" in the namespace \"{namespace}\""
-            ),
-        );
+        return forbidden(kind, &namespace, &params);
     }
-    let selector = Selector::parse(&params);
-    let items_in_namespace = namespace == shared.namespace;
-
+    let asked = Asked {
+        kind,
+        selector: Selector::parse(&params),
+        in_namespace: namespace == shared.namespace,
+    };
     if !params.is_watch() {
-        let version = world.resource_version.to_string();
-        let items: Vec<Value> = world
-            .objects
-            .entry(kind)
-            .or_default()
-            .values()
-            .filter(|object| items_in_namespace && selector.matches_object(object))
-            .cloned()
-            .collect();
-        let list = json!({
-            "apiVersion": kind.api_version(),
-            "kind": kind.list_kind(),
-            "metadata": { "resourceVersion": version },
-            "items": items,
-        });
-        return ([("content-type", "application/json")], list.to_string()).into_response();
+        return list(&mut world, &asked);
     }
-
     let Some(since) = params.resource_version.as_deref().filter(|v| !v.is_empty()) else {
         // No version: the current objects, as ADDED events, then changes.
         let current: Vec<String> = world
@@ -689,27 +666,15 @@ fn answer(
             .entry(kind)
             .or_default()
             .values()
-            .filter(|object| items_in_namespace && selector.matches_object(object))
+            .filter(|object| asked.wants(object))
             .map(|object| event_line("ADDED", object))
             .collect();
         let receiver = shared.broadcast.subscribe();
-        return watch_stream(kind, current, receiver, selector, items_in_namespace);
+        return watch_stream(kind, current, receiver, asked.selector, asked.in_namespace);
     };
     let since: u64 = since.parse().unwrap_or(0);
     if since + 1 < world.oldest_kept {
-        // As after etcd compaction: the client must list again.
-        let gone: WatchEvent<Value> = WatchEvent::ErrorStatus(Status {
-            code: Some(410),
-            reason: Some("Expired".into()),
-            message: Some(format!("too old resource version: {since}")),
-            status: Some("Failure".into()),
-            ..Default::default()
-        });
-        return (
-            [("content-type", "application/json")],
-            serde_json::to_string(&gone).unwrap() + "\n",
-        )
-            .into_response();
+        return expired(since);
     }
     let replay: Vec<String> = world
         .history
@@ -717,16 +682,80 @@ fn answer(
         .filter(|c| {
             c.kind == kind
                 && c.resource_version > since
-                && items_in_namespace
-                && selector.matches_change(c)
+                && asked.in_namespace
+                && asked.selector.matches_change(c)
         })
         .map(|c| c.line.clone())
         .collect();
     // Subscribe before letting go of the lock, so no change falls between.
     let receiver = shared.broadcast.subscribe();
     drop(world);
+    watch_stream(kind, replay, receiver, asked.selector, asked.in_namespace)
+}
 
-    watch_stream(kind, replay, receiver, selector, items_in_namespace)
+/// What a list or watch asks for.
+struct Asked {
+    kind: Kind,
+    selector: Selector,
+    /// Whether the request's namespace is the one the objects live in.
+    in_namespace: bool,
+}
+
+impl Asked {
+    fn wants(&self, object: &Value) -> bool {
+        self.in_namespace && self.selector.matches_object(object)
+    }
+}
+
+/// A 403, worded as the real API server words RBAC's refusal.
+fn forbidden(kind: Kind, namespace: &str, params: &Params) -> Response {
+    let verb = if params.is_watch() { "watch" } else { "list" };
+    let resource = kind.resource();
+    status(
+        StatusCode::FORBIDDEN,
+        "Forbidden",
+        format!(
+            "{resource} is forbidden: User \"system:serviceaccount:{namespace}:loadbalancer\" \
+             cannot {verb} resource \"{resource}\" in API group \"\" in the namespace \"{namespace}\""
+        ),
+    )
+}
+
+/// The matching objects as a list, at the current resource version.
+fn list(world: &mut World, asked: &Asked) -> Response {
+    let version = world.resource_version.to_string();
+    let items: Vec<Value> = world
+        .objects
+        .entry(asked.kind)
+        .or_default()
+        .values()
+        .filter(|object| asked.wants(object))
+        .cloned()
+        .collect();
+    let list = json!({
+        "apiVersion": asked.kind.api_version(),
+        "kind": asked.kind.list_kind(),
+        "metadata": { "resourceVersion": version },
+        "items": items,
+    });
+    ([("content-type", "application/json")], list.to_string()).into_response()
+}
+
+/// As after etcd compaction: the client must list again (410 Gone, in a
+/// watch event).
+fn expired(since: u64) -> Response {
+    let gone: WatchEvent<Value> = WatchEvent::ErrorStatus(Status {
+        code: Some(410),
+        reason: Some("Expired".into()),
+        message: Some(format!("too old resource version: {since}")),
+        status: Some("Failure".into()),
+        ..Default::default()
+    });
+    (
+        [("content-type", "application/json")],
+        serde_json::to_string(&gone).unwrap() + "\n",
+    )
+        .into_response()
 }
 
 /// A watch's answer: the `first` lines, then every change from `receiver`

@@ -97,4 +97,18 @@ async fn main() {
         ms(at(0.99)),
         ms(at(1.0))
     );
+    // Beside the other benches' results, never into a tracked file.
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let results = serde_json::json!({
+        "changes": ROUNDS,
+        "p50_ms": ms(at(0.5)),
+        "p99_ms": ms(at(0.99)),
+        "max_ms": ms(at(1.0)),
+    });
+    let written = std::fs::create_dir_all(&out)
+        .and_then(|()| std::fs::write(out.join("convergence.json"), results.to_string()));
+    match written {
+        Ok(()) => println!("written to {}", out.join("convergence.json").display()),
+        Err(error) => eprintln!("could not write {}: {error}", out.display()),
+    }
 }

@@ -28,28 +28,25 @@ use crate::balancer::Balancer;
 use crate::discovery;
 use crate::metrics;
 
-/// Whether we should receive traffic.
+/// Whether shutdown has started; with discovery's first list, that makes
+/// `/readyz`.
 #[derive(Debug, Default)]
 pub struct Readiness {
-    synced: AtomicBool,
     shutting_down: AtomicBool,
 }
 
 impl Readiness {
-    /// Discovery has delivered its first full list of backends.
-    pub fn mark_synced(&self) {
-        self.synced.store(true, Relaxed);
-    }
-
     /// Shutdown has started: fail readiness from now on.
     pub fn mark_shutting_down(&self) {
         self.shutting_down.store(true, Relaxed);
     }
+}
 
-    fn status(&self) -> Result<(), &'static str> {
-        if self.shutting_down.load(Relaxed) {
+impl AdminState {
+    fn ready(&self) -> Result<(), &'static str> {
+        if self.readiness.shutting_down.load(Relaxed) {
             Err("shutting down")
-        } else if !self.synced.load(Relaxed) {
+        } else if !self.discovery.has_listed() {
             Err("waiting for the first list of backends")
         } else {
             Ok(())
@@ -88,7 +85,7 @@ pub fn app(state: AdminState) -> Router {
 }
 
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, Json<Value>) {
-    match state.readiness.status() {
+    match state.ready() {
         Ok(()) => (
             StatusCode::OK,
             Json(
@@ -110,10 +107,10 @@ async fn backends(State(state): State<AdminState>) -> Json<Value> {
         .map(|b| {
             json!({
                 "address": b.addr,
-                "pod": b.pod.name,
-                "node": b.pod.node,
-                "zone": b.pod.zone,
-                "state": metrics::state_label(b.state()),
+                "pod": b.origin.name,
+                "node": b.origin.node,
+                "zone": b.origin.zone,
+                "state": b.state().as_str(),
                 "ejectedFor": match b.state() {
                     crate::balancer::State::Ejected(reason) => Some(reason.as_str()),
                     _ => None,

@@ -369,136 +369,38 @@ impl Settings {
     /// Applies the flags in `cli` over `file` and checks the result; `path`
     /// names the file in errors.
     pub fn resolve(path: &Path, mut file: FileConfig, cli: &Cli) -> Result<Settings, ConfigError> {
-        file.port = cli.port.unwrap_or(file.port);
-        file.admin_port = cli.admin_port.unwrap_or(file.admin_port);
-        if let Some(backends) = &cli.backends {
-            file.discovery = DiscoveryKind::Static;
-            file.backends = backends.clone();
-        }
-
-        let checked = |field: &str, value: u64| {
-            let unit = if field.ends_with("Ms") { " ms" } else { "" };
-            in_range(path, field, value, limit(field), unit)
-        };
-        let ms = |field: &str, value: u64| checked(field, value).map(Duration::from_millis);
-        let status_write_interval = ms("statusWriteIntervalMs", file.status_write_interval_ms)?;
-        let source = match file.discovery {
-            DiscoveryKind::Static => {
-                if file.backends.is_empty() {
-                    return Err(invalid(
-                        path,
-                        "backends",
-                        "static discovery needs at least one backend: list them in `backends` or pass --backends",
-                    ));
-                }
-                let addrs = file
-                    .backends
-                    .iter()
-                    .enumerate()
-                    .map(|(i, text)| {
-                        parse_backend(text).map_err(|reason| {
-                            if cli.backends.is_some() {
-                                ConfigError::Flag {
-                                    flag: "--backends".into(),
-                                    reason,
-                                }
-                            } else {
-                                invalid(path, &format!("backends[{i}]"), reason)
-                            }
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                Source::Static(addrs)
-            }
-            kind => {
-                if !file.backends.is_empty() {
-                    return Err(invalid(
-                        path,
-                        "backends",
-                        "a fixed list is only used with \"discovery\": \"static\"; remove it or set discovery to static",
-                    ));
-                }
-                kubernetes_source(path, kind, &file, status_write_interval)?
-            }
-        };
-        if file.pod_selector.is_some() && file.discovery != DiscoveryKind::Pods {
-            return Err(invalid(
-                path,
-                "podSelector",
-                "is only used with \"discovery\": \"pods\"; remove it or set discovery to pods",
-            ));
-        }
-
-        if file.port != 0 && file.port == file.admin_port {
-            let reason = format!("must differ from the proxy port (both are {})", file.port);
-            return Err(if cli.port.is_some() || cli.admin_port.is_some() {
-                ConfigError::Flag {
-                    flag: "--admin-port".into(),
-                    reason,
-                }
+        apply_flags(&mut file, cli);
+        let bounded = |limit: &Limit, value: u64| {
+            let unit = if limit.field.ends_with("Ms") {
+                " ms"
             } else {
-                invalid(path, "adminPort", reason)
-            });
-        }
-        if let Some(check) = &file.health_check {
-            if !check.path.starts_with('/') {
-                return Err(invalid(
-                    path,
-                    "healthCheck.path",
-                    "must start with /, as in \"/readyz\"",
-                ));
-            }
-            in_range(
-                path,
-                "healthCheck.intervalMs",
-                check.interval_ms,
-                50..=HOUR,
-                " ms",
-            )?;
-            in_range(
-                path,
-                "healthCheck.timeoutMs",
-                check.timeout_ms,
-                1..=MINUTE,
-                " ms",
-            )?;
-            let thresholds = [
-                ("healthCheck.unhealthyThreshold", check.unhealthy_threshold),
-                ("healthCheck.healthyThreshold", check.healthy_threshold),
-            ];
-            for (field, value) in thresholds {
-                in_range(path, field, u64::from(value), 1..=100, "")?;
-            }
-        }
-        if let Some(url) = &file.shared_counter {
-            crate::balancer::shared_counter::check_url(url)
-                .map_err(|reason| invalid(path, "sharedCounter", reason))?;
-        }
-        for (key, weight) in &file.weights {
-            in_range(
-                path,
-                &format!("weights.{key}"),
-                u64::from(*weight),
-                1..=100,
-                "",
-            )?;
-        }
+                ""
+            };
+            in_range(path, limit.field, value, limit.range.clone(), unit)
+        };
+        let ms = |limit: &Limit, value: u64| bounded(limit, value).map(Duration::from_millis);
+        let status_write_interval = ms(&STATUS_WRITE_INTERVAL, file.status_write_interval_ms)?;
+        let source = source(path, &file, cli, status_write_interval)?;
+        check_ports(path, &file, cli)?;
+        check_the_rest(path, &file)?;
         Ok(Settings {
             listen: SocketAddr::new(cli.host, file.port),
             admin_listen: SocketAddr::new(cli.host, file.admin_port),
-            source: source.clone(),
-            connect_timeout: ms("connectTimeoutMs", file.connect_timeout_ms)?,
-            request_timeout: ms("requestTimeoutMs", file.request_timeout_ms)?,
-            retries: checked("retries", u64::from(file.retries))? as u32,
-            cooldown: ms("cooldownMs", file.cooldown_ms)?,
-            consecutive_5xx: checked("consecutive5xx", file.consecutive_5xx)? as u32,
-            max_ejection_percent: checked("maxEjectionPercent", file.max_ejection_percent)? as u32,
-            pool_idle_timeout: ms("poolIdleTimeoutMs", file.pool_idle_timeout_ms)?,
-            header_read_timeout: ms("headerReadTimeoutMs", file.header_read_timeout_ms)?,
-            body_idle_timeout: ms("bodyIdleTimeoutMs", file.body_idle_timeout_ms)?,
-            listen_backlog: checked("listenBacklog", file.listen_backlog)? as u32,
-            drain_delay: ms("drainDelayMs", file.drain_delay_ms)?,
-            shutdown_timeout: ms("shutdownTimeoutMs", file.shutdown_timeout_ms)?,
+            connect_timeout: ms(&CONNECT_TIMEOUT, file.connect_timeout_ms)?,
+            request_timeout: ms(&REQUEST_TIMEOUT, file.request_timeout_ms)?,
+            retries: bounded(&RETRIES, u64::from(file.retries))? as u32,
+            cooldown: ms(&COOLDOWN, file.cooldown_ms)?,
+            consecutive_5xx: bounded(&CONSECUTIVE_5XX, file.consecutive_5xx)? as u32,
+            max_ejection_percent: bounded(&MAX_EJECTION_PERCENT, file.max_ejection_percent)? as u32,
+            pool_idle_timeout: ms(&POOL_IDLE_TIMEOUT, file.pool_idle_timeout_ms)?,
+            header_read_timeout: ms(&HEADER_READ_TIMEOUT, file.header_read_timeout_ms)?,
+            body_idle_timeout: ms(&BODY_IDLE_TIMEOUT, file.body_idle_timeout_ms)?,
+            listen_backlog: bounded(&LISTEN_BACKLOG, file.listen_backlog)? as u32,
+            drain_delay: ms(&DRAIN_DELAY, file.drain_delay_ms)?,
+            shutdown_timeout: ms(&SHUTDOWN_TIMEOUT, file.shutdown_timeout_ms)?,
+            drain_timeout: ms(&DRAIN_TIMEOUT, file.drain_timeout_ms)?,
+            tcp_idle_timeout: ms(&TCP_IDLE_TIMEOUT, file.tcp_idle_timeout_ms)?,
+            tcp_first_byte_timeout: ms(&TCP_FIRST_BYTE_TIMEOUT, file.tcp_first_byte_timeout_ms)?,
             log_level: common::telemetry::parse_level(&file.log_level)
                 .map(|_| file.log_level)
                 .map_err(|reason| invalid(path, "logLevel", reason))?,
@@ -514,16 +416,122 @@ impl Settings {
                 Source::Servers { .. } => Some(file.health_check.unwrap_or_default()),
                 _ => file.health_check,
             },
+            source,
             shared_counter: file.shared_counter,
             mode: file.mode,
             backend_protocol: file.backend_protocol,
-            drain_timeout: ms("drainTimeoutMs", file.drain_timeout_ms)?,
-            tcp_idle_timeout: ms("tcpIdleTimeoutMs", file.tcp_idle_timeout_ms)?,
-            tcp_first_byte_timeout: ms("tcpFirstByteTimeoutMs", file.tcp_first_byte_timeout_ms)?,
             http2: file.http2,
             file: None,
         })
     }
+}
+
+/// The flags win over the file.
+fn apply_flags(file: &mut FileConfig, cli: &Cli) {
+    file.port = cli.port.unwrap_or(file.port);
+    file.admin_port = cli.admin_port.unwrap_or(file.admin_port);
+    if let Some(backends) = &cli.backends {
+        file.discovery = DiscoveryKind::Static;
+        file.backends = backends.clone();
+    }
+}
+
+/// Where the backends come from, with the fields that only one kind uses
+/// refused under the others.
+fn source(
+    path: &Path,
+    file: &FileConfig,
+    cli: &Cli,
+    status_write_interval: Duration,
+) -> Result<Source, ConfigError> {
+    if file.pod_selector.is_some() && file.discovery != DiscoveryKind::Pods {
+        return Err(invalid(
+            path,
+            "podSelector",
+            "is only used with \"discovery\": \"pods\"; remove it or set discovery to pods",
+        ));
+    }
+    match file.discovery {
+        DiscoveryKind::Static => static_source(path, &file.backends, cli.backends.is_some()),
+        _ if !file.backends.is_empty() => Err(invalid(
+            path,
+            "backends",
+            "a fixed list is only used with \"discovery\": \"static\"; remove it or set discovery to static",
+        )),
+        kind => kubernetes_source(path, kind, file, status_write_interval),
+    }
+}
+
+/// A fixed list, from the file or `--backends` (`from_flag`).
+fn static_source(path: &Path, backends: &[String], from_flag: bool) -> Result<Source, ConfigError> {
+    if backends.is_empty() {
+        return Err(invalid(
+            path,
+            "backends",
+            "static discovery needs at least one backend: list them in `backends` or pass --backends",
+        ));
+    }
+    let parse = |(i, text): (usize, &String)| {
+        parse_backend(text).map_err(|reason| match from_flag {
+            true => ConfigError::Flag {
+                flag: "--backends".into(),
+                reason,
+            },
+            false => invalid(path, &format!("backends[{i}]"), reason),
+        })
+    };
+    let addrs = backends
+        .iter()
+        .enumerate()
+        .map(parse)
+        .collect::<Result<_, _>>()?;
+    Ok(Source::Static(addrs))
+}
+
+/// The two ports must differ (port 0, "any free one", excepted).
+fn check_ports(path: &Path, file: &FileConfig, cli: &Cli) -> Result<(), ConfigError> {
+    if file.port == 0 || file.port != file.admin_port {
+        return Ok(());
+    }
+    let reason = format!("must differ from the proxy port (both are {})", file.port);
+    Err(if cli.port.is_some() || cli.admin_port.is_some() {
+        ConfigError::Flag {
+            flag: "--admin-port".into(),
+            reason,
+        }
+    } else {
+        invalid(path, "adminPort", reason)
+    })
+}
+
+/// The active checks, the shared counter's URL and the weights.
+fn check_the_rest(path: &Path, file: &FileConfig) -> Result<(), ConfigError> {
+    if let Some(check) = &file.health_check {
+        if !check.path.starts_with('/') {
+            let reason = "must start with /, as in \"/readyz\"";
+            return Err(invalid(path, "healthCheck.path", reason));
+        }
+        let interval = check.interval_ms;
+        in_range(path, "healthCheck.intervalMs", interval, 50..=HOUR, " ms")?;
+        let timeout = check.timeout_ms;
+        in_range(path, "healthCheck.timeoutMs", timeout, 1..=MINUTE, " ms")?;
+        let thresholds = [
+            ("healthCheck.unhealthyThreshold", check.unhealthy_threshold),
+            ("healthCheck.healthyThreshold", check.healthy_threshold),
+        ];
+        for (field, value) in thresholds {
+            in_range(path, field, u64::from(value), 1..=100, "")?;
+        }
+    }
+    if let Some(url) = &file.shared_counter {
+        crate::balancer::shared_counter::check_url(url)
+            .map_err(|reason| invalid(path, "sharedCounter", reason))?;
+    }
+    for (key, weight) in &file.weights {
+        let field = format!("weights.{key}");
+        in_range(path, &field, u64::from(*weight), 1..=100, "")?;
+    }
+    Ok(())
 }
 
 /// The source for one of the Kubernetes discovery kinds.
@@ -533,20 +541,7 @@ fn kubernetes_source(
     file: &FileConfig,
     status_write_interval: Duration,
 ) -> Result<Source, ConfigError> {
-    let port = || match &file.backend_port_name {
-        Some(name) if name.trim().is_empty() => Err(invalid(
-            path,
-            "backendPortName",
-            "must not be empty when set",
-        )),
-        Some(name) => Ok(BackendPort::Name(name.clone())),
-        None if file.backend_port == 0 => Err(invalid(
-            path,
-            "backendPort",
-            "must be a port from 1 to 65535",
-        )),
-        None => Ok(BackendPort::Number(file.backend_port)),
-    };
+    let port = || backend_port(path, file);
     let api = match kind {
         DiscoveryKind::Pods => {
             let selector = file.pod_selector.as_deref().unwrap_or("").trim();
@@ -563,21 +558,15 @@ fn kubernetes_source(
             });
         }
         DiscoveryKind::Servers => {
-            let dns_server = file
-                .dns_server
-                .as_deref()
-                .map(|text| {
-                    text.trim().parse::<SocketAddr>().map_err(|_| {
-                        invalid(
-                            path,
-                            "dnsServer",
-                            format!("{text:?} is not an IP:port address (such as 10.96.0.10:53)"),
-                        )
-                    })
+            let dns_server = file.dns_server.as_deref().map(|text| {
+                text.trim().parse::<SocketAddr>().map_err(|_| {
+                    let reason =
+                        format!("{text:?} is not an IP:port address (such as 10.96.0.10:53)");
+                    invalid(path, "dnsServer", reason)
                 })
-                .transpose()?;
+            });
             return Ok(Source::Servers {
-                dns_server,
+                dns_server: dns_server.transpose()?,
                 status_write_interval,
             });
         }
@@ -598,36 +587,75 @@ fn kubernetes_source(
     })
 }
 
+/// The backends' port, by name or number.
+fn backend_port(path: &Path, file: &FileConfig) -> Result<BackendPort, ConfigError> {
+    match &file.backend_port_name {
+        Some(name) if name.trim().is_empty() => Err(invalid(
+            path,
+            "backendPortName",
+            "must not be empty when set",
+        )),
+        Some(name) => Ok(BackendPort::Name(name.clone())),
+        None if file.backend_port == 0 => Err(invalid(
+            path,
+            "backendPort",
+            "must be a port from 1 to 65535",
+        )),
+        None => Ok(BackendPort::Number(file.backend_port)),
+    }
+}
+
 const MINUTE: u64 = 60_000;
 const HOUR: u64 = 60 * MINUTE;
 
-/// The allowed range of every duration (in ms) and count in the file.
-pub const LIMITS: [(&str, RangeInclusive<u64>); 16] = [
-    ("connectTimeoutMs", 1..=MINUTE),
-    ("requestTimeoutMs", 1..=HOUR),
-    ("retries", 0..=10),
-    ("cooldownMs", 1..=MINUTE),
-    ("consecutive5xx", 1..=100),
-    ("maxEjectionPercent", 0..=100),
-    ("poolIdleTimeoutMs", 1..=HOUR),
-    ("headerReadTimeoutMs", 1..=10 * MINUTE),
-    ("bodyIdleTimeoutMs", 1..=HOUR),
-    ("listenBacklog", 1..=65_535),
-    ("drainDelayMs", 0..=10 * MINUTE),
-    ("shutdownTimeoutMs", 1..=HOUR),
-    ("drainTimeoutMs", 0..=HOUR),
-    ("tcpIdleTimeoutMs", 1..=24 * HOUR),
-    ("tcpFirstByteTimeoutMs", 1..=HOUR),
-    ("statusWriteIntervalMs", 100..=HOUR),
-];
-
-/// The range of `field` in [`LIMITS`].
-fn limit(field: &str) -> RangeInclusive<u64> {
-    LIMITS
-        .iter()
-        .find(|(name, _)| *name == field)
-        .map_or(0..=u64::MAX, |(_, range)| range.clone())
+/// A duration (in ms) or count in the file, and the values it may take.
+/// Each is a constant, so a misspelt one does not compile.
+#[derive(Debug)]
+pub struct Limit {
+    pub field: &'static str,
+    pub range: RangeInclusive<u64>,
 }
+
+const fn limit(field: &'static str, range: RangeInclusive<u64>) -> Limit {
+    Limit { field, range }
+}
+
+const CONNECT_TIMEOUT: Limit = limit("connectTimeoutMs", 1..=MINUTE);
+const REQUEST_TIMEOUT: Limit = limit("requestTimeoutMs", 1..=HOUR);
+const RETRIES: Limit = limit("retries", 0..=10);
+const COOLDOWN: Limit = limit("cooldownMs", 1..=MINUTE);
+const CONSECUTIVE_5XX: Limit = limit("consecutive5xx", 1..=100);
+const MAX_EJECTION_PERCENT: Limit = limit("maxEjectionPercent", 0..=100);
+const POOL_IDLE_TIMEOUT: Limit = limit("poolIdleTimeoutMs", 1..=HOUR);
+const HEADER_READ_TIMEOUT: Limit = limit("headerReadTimeoutMs", 1..=10 * MINUTE);
+const BODY_IDLE_TIMEOUT: Limit = limit("bodyIdleTimeoutMs", 1..=HOUR);
+const LISTEN_BACKLOG: Limit = limit("listenBacklog", 1..=65_535);
+const DRAIN_DELAY: Limit = limit("drainDelayMs", 0..=10 * MINUTE);
+const SHUTDOWN_TIMEOUT: Limit = limit("shutdownTimeoutMs", 1..=HOUR);
+const DRAIN_TIMEOUT: Limit = limit("drainTimeoutMs", 0..=HOUR);
+const TCP_IDLE_TIMEOUT: Limit = limit("tcpIdleTimeoutMs", 1..=24 * HOUR);
+const TCP_FIRST_BYTE_TIMEOUT: Limit = limit("tcpFirstByteTimeoutMs", 1..=HOUR);
+const STATUS_WRITE_INTERVAL: Limit = limit("statusWriteIntervalMs", 100..=HOUR);
+
+/// Every bounded number in the file (the docs' table is checked against it).
+pub const LIMITS: [&Limit; 16] = [
+    &CONNECT_TIMEOUT,
+    &REQUEST_TIMEOUT,
+    &RETRIES,
+    &COOLDOWN,
+    &CONSECUTIVE_5XX,
+    &MAX_EJECTION_PERCENT,
+    &POOL_IDLE_TIMEOUT,
+    &HEADER_READ_TIMEOUT,
+    &BODY_IDLE_TIMEOUT,
+    &LISTEN_BACKLOG,
+    &DRAIN_DELAY,
+    &SHUTDOWN_TIMEOUT,
+    &DRAIN_TIMEOUT,
+    &TCP_IDLE_TIMEOUT,
+    &TCP_FIRST_BYTE_TIMEOUT,
+    &STATUS_WRITE_INTERVAL,
+];
 
 /// `10.0.0.1:8080` or `[fd00::1]:8080`. Names are not resolved: a backend is
 /// an address, as Kubernetes endpoints are.
@@ -869,7 +897,7 @@ mod tests {
     #[test]
     fn every_number_in_the_file_has_a_bounded_range() {
         let defaults = serde_json::to_value(FileConfig::default()).unwrap();
-        for (field, range) in LIMITS {
+        for Limit { field, range } in LIMITS {
             assert!(defaults.get(field).is_some(), "{field} is a config field");
             let default = defaults[field].as_u64().unwrap();
             assert!(range.contains(&default), "{field}'s default is allowed");

@@ -3,30 +3,41 @@
 //! Follow a request: [`server`] accepts the connection and hands each request
 //! to [`proxy::Proxy::handle`], which asks the [`balancer`] for a backend
 //! (the configured algorithm, skipping ejected ones) and forwards the request
-//! to it over a pooled connection, streaming the bodies. Beside that, a
-//! [`discovery`] source keeps the balancer's snapshot of backends up to
-//! date, and [`admin`] serves the health endpoints, metrics and live page.
+//! to it over one of that backend's [`connections`], streaming the bodies.
+//! Follow a change: a [`discovery`] source turns what the API server says
+//! into a whole set of backends and publishes it; the balancer swaps in a
+//! new snapshot, which the next request reads. Beside that, [`admin`] serves
+//! the health endpoints, metrics and live page.
 //!
 //! # Layout
 //!
+//! In layer order: each module uses only those listed before it
+//! (`tests/layers.rs` holds that).
+//!
+//! - [`connections`]: open connections to a backend, by address, and
+//!   whether a failed connect was our own shortage; no knowledge of the
+//!   balancer.
+//! - [`balancer`]: the immutable snapshot; `balancer/algorithm.rs` and one
+//!   file per algorithm; `balancer/health.rs` (ejection, probing),
+//!   `balancer/checker.rs` (active checks), `balancer/stats.rs` (what the
+//!   request path counts per backend); no knowledge of HTTP.
 //! - [`config`]: the config file and flags, checked into [`config::Settings`].
 //! - [`discovery`]: where backends come from; publishes whole sets.
-//! - [`balancer`]: the immutable snapshot; `balancer/algorithm.rs` and one
-//!   file per algorithm; `balancer/health.rs` (ejection, probing) and
-//!   `balancer/checker.rs` (active checks).
-//! - [`proxy`]: the request path: retries, errors and whose fault they are,
-//!   upgrades; `proxy/headers.rs` rewrites headers, `proxy/body.rs` times
-//!   the bodies.
-//! - [`reload`]: a changed config file, applied while running.
-//! - [`server`]: the two listeners (through `common::serve`) and graceful
-//!   shutdown.
-//! - [`metrics`]: the numbers the request path counts, and `/metrics`.
+//! - [`proxy`]: the HTTP path: `proxy/send.rs` (one attempt),
+//!   `proxy/failure.rs` (whose fault, what is retried), `proxy/headers.rs`,
+//!   `proxy/body.rs` (the bodies, timed), `proxy/detach.rs`.
+//! - [`tcp`]: the TCP path (`"mode": "tcp"`): a backend per connection.
+//! - [`metrics`]: `/metrics`, encoded from the counters at scrape time.
 //! - [`admin`]: `/`, `/healthz`, `/readyz`, `/backends`, `/metrics` on the
 //!   admin port (the page is `dashboard.html`).
+//! - [`reload`]: a changed config file, applied while running.
+//! - [`server`]: the two listeners (through `common::serve`), wiring, and
+//!   graceful shutdown.
 
 pub mod admin;
 pub mod balancer;
 pub mod config;
+pub mod connections;
 pub mod discovery;
 pub mod metrics;
 pub mod proxy;

@@ -40,6 +40,17 @@ pub struct Live {
     pub logging: Logging,
 }
 
+/// The names of the fields whose values differ between `$old` and `$new`.
+macro_rules! differing {
+    ($old:ident, $new:ident; $($name:literal => $field:ident),* $(,)?) => {
+        [$(($name, $old.$field != $new.$field)),*]
+            .into_iter()
+            .filter(|(_, differs)| *differs)
+            .map(|(name, _)| name)
+            .collect::<Vec<&'static str>>()
+    };
+}
+
 impl Live {
     /// Checks the config `text` and applies what can change while running.
     pub fn apply(&self, text: &str) -> Result<Outcome, ConfigError> {
@@ -56,134 +67,97 @@ impl Live {
                 return Err(error);
             }
         };
-
-        let static_lists = match (&old.source, &new.source) {
-            (Source::Static(before), Source::Static(after)) => Some((before, after)),
-            _ => None,
-        };
-        let mut outcome = Outcome::default();
-        let restart_only = [
-            ("port", old.listen != new.listen),
-            ("adminPort", old.admin_listen != new.admin_listen),
-            ("listenBacklog", old.listen_backlog != new.listen_backlog),
-            (
-                "headerReadTimeoutMs",
-                old.header_read_timeout != new.header_read_timeout,
-            ),
-            ("logFormat", old.log_format != new.log_format),
-            ("http2", old.http2 != new.http2),
-            ("sharedCounter", old.shared_counter != new.shared_counter),
-            ("mode", old.mode != new.mode),
-            (
-                "discovery",
-                static_lists.is_none() && old.source != new.source,
-            ),
-        ];
-        let live = [
-            ("algorithm", old.algorithm != new.algorithm),
-            ("healthCheck", old.health_check != new.health_check),
-            ("weights", old.weights != new.weights),
-            (
-                "backends",
-                static_lists.is_some_and(|(before, after)| before != after),
-            ),
-            (
-                "connectTimeoutMs",
-                old.connect_timeout != new.connect_timeout,
-            ),
-            (
-                "requestTimeoutMs",
-                old.request_timeout != new.request_timeout,
-            ),
-            (
-                "bodyIdleTimeoutMs",
-                old.body_idle_timeout != new.body_idle_timeout,
-            ),
-            ("retries", old.retries != new.retries),
-            ("cooldownMs", old.cooldown != new.cooldown),
-            ("consecutive5xx", old.consecutive_5xx != new.consecutive_5xx),
-            (
-                "maxEjectionPercent",
-                old.max_ejection_percent != new.max_ejection_percent,
-            ),
-            (
-                "poolIdleTimeoutMs",
-                old.pool_idle_timeout != new.pool_idle_timeout,
-            ),
-            ("drainDelayMs", old.drain_delay != new.drain_delay),
-            (
-                "shutdownTimeoutMs",
-                old.shutdown_timeout != new.shutdown_timeout,
-            ),
-            ("drainTimeoutMs", old.drain_timeout != new.drain_timeout),
-            (
-                "backendProtocol",
-                old.backend_protocol != new.backend_protocol,
-            ),
-            (
-                "tcpIdleTimeoutMs",
-                old.tcp_idle_timeout != new.tcp_idle_timeout,
-            ),
-            (
-                "tcpFirstByteTimeoutMs",
-                old.tcp_first_byte_timeout != new.tcp_first_byte_timeout,
-            ),
-            ("logLevel", old.log_level != new.log_level),
-            ("accessLog", old.access_log != new.access_log),
-        ];
-        outcome.need_restart = changed(&restart_only);
-        outcome.applied = changed(&live);
-
-        // What needs a restart keeps its running value.
-        let settings = Settings {
-            listen: old.listen,
-            admin_listen: old.admin_listen,
-            listen_backlog: old.listen_backlog,
-            header_read_timeout: old.header_read_timeout,
-            http2: old.http2,
-            log_format: old.log_format,
-            shared_counter: old.shared_counter.clone(),
-            mode: old.mode,
-            source: match static_lists {
-                Some(_) => new.source.clone(),
-                None => old.source.clone(),
-            },
-            ..new
-        };
-        if let Source::Static(addrs) = &settings.source
-            && outcome.applied.contains(&"backends")
-        {
-            discovery::publish(&self.balancer, &discovery::static_set(addrs));
-        }
-        if outcome.applied.contains(&"algorithm") || outcome.applied.contains(&"weights") {
-            self.balancer
-                .set_algorithm(settings.algorithm, &settings.weights);
-        }
-        if outcome.applied.contains(&"healthCheck") {
-            self.balancer
-                .checker
-                .configure(settings.health_check.clone());
-        }
-        self.proxy.configure(&settings);
-        self.server.set_send_timeout(settings.body_idle_timeout);
-        if let Some(tcp) = &self.tcp {
-            tcp.configure(&settings);
-        }
-        self.balancer.set_outlier_policy(settings.outlier_policy());
-        if outcome.applied.contains(&"logLevel") {
-            // Checked when parsed, so this cannot fail.
-            let _ = self.logging.set_level(&settings.log_level);
-        }
+        let outcome = compare(&old, &new);
+        let settings = kept_running(&old, new);
+        self.put_in_force(&settings, &outcome);
         self.settings.store(Arc::new(settings));
         self.balancer.totals.config_reloaded(true);
         Ok(outcome)
     }
+
+    /// Hands the new settings to each running part.
+    fn put_in_force(&self, settings: &Settings, outcome: &Outcome) {
+        let applied = |field| outcome.applied.contains(&field);
+        if let Source::Static(addrs) = &settings.source
+            && applied("backends")
+        {
+            discovery::publish(&self.balancer, &discovery::static_set(addrs));
+        }
+        if applied("algorithm") || applied("weights") {
+            self.balancer
+                .set_algorithm(settings.algorithm, &settings.weights);
+        }
+        if applied("healthCheck") {
+            let check = settings.health_check.clone();
+            self.balancer.checker.configure(check);
+        }
+        self.proxy.configure(settings);
+        self.server.set_send_timeout(settings.body_idle_timeout);
+        if let Some(tcp) = &self.tcp {
+            tcp.configure(settings);
+        }
+        self.balancer.set_outlier_policy(settings.outlier_policy());
+        if applied("logLevel") {
+            // Checked when parsed, so this cannot fail.
+            let _ = self.logging.set_level(&settings.log_level);
+        }
+    }
 }
 
-fn changed(fields: &[(&'static str, bool)]) -> Vec<&'static str> {
-    fields
-        .iter()
-        .filter(|(_, changed)| *changed)
-        .map(|(name, _)| *name)
-        .collect()
+/// Which changed fields apply now and which need a restart.
+fn compare(old: &Settings, new: &Settings) -> Outcome {
+    let static_lists = matches!(
+        (&old.source, &new.source),
+        (Source::Static(_), Source::Static(_))
+    );
+    let mut need_restart = differing!(old, new;
+        "port" => listen, "adminPort" => admin_listen, "listenBacklog" => listen_backlog,
+        "headerReadTimeoutMs" => header_read_timeout, "logFormat" => log_format,
+        "http2" => http2, "sharedCounter" => shared_counter, "mode" => mode,
+    );
+    let mut applied = differing!(old, new;
+        "algorithm" => algorithm, "healthCheck" => health_check, "weights" => weights,
+        "connectTimeoutMs" => connect_timeout, "requestTimeoutMs" => request_timeout,
+        "bodyIdleTimeoutMs" => body_idle_timeout, "retries" => retries,
+        "cooldownMs" => cooldown, "consecutive5xx" => consecutive_5xx,
+        "maxEjectionPercent" => max_ejection_percent, "poolIdleTimeoutMs" => pool_idle_timeout,
+        "drainDelayMs" => drain_delay, "shutdownTimeoutMs" => shutdown_timeout,
+        "drainTimeoutMs" => drain_timeout, "backendProtocol" => backend_protocol,
+        "tcpIdleTimeoutMs" => tcp_idle_timeout, "tcpFirstByteTimeoutMs" => tcp_first_byte_timeout,
+        "logLevel" => log_level, "accessLog" => access_log,
+    );
+    // A static list changes live; any other change of source needs a restart.
+    if old.source != new.source {
+        match static_lists {
+            true => applied.push("backends"),
+            false => need_restart.push("discovery"),
+        }
+    }
+    Outcome {
+        applied,
+        need_restart,
+    }
+}
+
+/// The new settings, with what needs a restart kept at its running value.
+fn kept_running(old: &Settings, new: Settings) -> Settings {
+    let static_lists = matches!(
+        (&old.source, &new.source),
+        (Source::Static(_), Source::Static(_))
+    );
+    Settings {
+        listen: old.listen,
+        admin_listen: old.admin_listen,
+        listen_backlog: old.listen_backlog,
+        header_read_timeout: old.header_read_timeout,
+        http2: old.http2,
+        log_format: old.log_format,
+        shared_counter: old.shared_counter.clone(),
+        mode: old.mode,
+        source: match static_lists {
+            true => new.source.clone(),
+            false => old.source.clone(),
+        },
+        ..new
+    }
 }

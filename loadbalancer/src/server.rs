@@ -20,6 +20,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use common::serve::{Limits, Server};
@@ -82,26 +83,9 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), DiscoveryError> {
-    let balancer = Arc::new(Balancer::new(settings.cooldown));
-    balancer.set_algorithm(settings.algorithm, &settings.weights);
-    balancer.set_outlier_policy(settings.outlier_policy());
-    balancer.checker.configure(settings.health_check.clone());
-    if let Some(url) = &settings.shared_counter {
-        let key = format!("loadbalancer:round-robin:{}", settings.source.name());
-        // The URL was checked with the config, so this does not fail.
-        if let Ok(counter) = crate::balancer::shared_counter::SharedCounter::start(url, key) {
-            balancer.shared_counter.store(Some(counter));
-        }
-    }
-    let readiness = Arc::new(Readiness::default());
+    let balancer = balancer_for(&settings);
     let status = Arc::new(discovery::Status::default());
-    discovery::start(
-        &settings.source,
-        balancer.clone(),
-        readiness.clone(),
-        status.clone(),
-    )
-    .await?;
+    discovery::start(&settings.source, balancer.clone(), status.clone()).await?;
     let proxy = Arc::new(Proxy::new(balancer.clone(), &settings));
     let tcp =
         (settings.mode == Mode::Tcp).then(|| Arc::new(TcpProxy::new(balancer.clone(), &settings)));
@@ -121,6 +105,46 @@ pub async fn run(
         balancer: balancer.clone(),
         logging,
     });
+    watch_config_file(&settings, &live);
+    let readiness = Arc::new(Readiness::default());
+    let admin = AdminState {
+        readiness: readiness.clone(),
+        balancer,
+        discovery: status,
+        tcp: tcp.is_some(),
+    };
+    say_listening(&listeners, &settings);
+    serve_admin(listeners.admin, admin, &settings);
+    match tcp {
+        Some(tcp) => drain(&tcp, listeners.proxy, &readiness, &live, shutdown).await,
+        None => {
+            let http = Http { server, proxy };
+            drain(&http, listeners.proxy, &readiness, &live, shutdown).await;
+        }
+    }
+    Ok(())
+}
+
+/// The balancer, with the algorithm, health policy and shared counter of
+/// `settings`.
+fn balancer_for(settings: &Settings) -> Arc<Balancer> {
+    let balancer = Arc::new(Balancer::new(settings.cooldown));
+    balancer.set_algorithm(settings.algorithm, &settings.weights);
+    balancer.set_outlier_policy(settings.outlier_policy());
+    balancer.checker.configure(settings.health_check.clone());
+    if let Some(url) = &settings.shared_counter {
+        let key = format!("loadbalancer:round-robin:{}", settings.source.name());
+        // The URL was checked with the config, so this does not fail.
+        if let Ok(counter) = crate::balancer::shared_counter::SharedCounter::start(url, key) {
+            balancer.shared_counter.store(Some(counter));
+        }
+    }
+    balancer
+}
+
+/// Applies the config file's changes while running; without a file,
+/// SIGHUP has nothing to reload and is ignored.
+fn watch_config_file(settings: &Settings, live: &Arc<Live>) {
     match &settings.file {
         Some(file) => {
             let live = live.clone();
@@ -132,99 +156,126 @@ pub async fn run(
         }
         None => common::shutdown::ignore_hangup(),
     }
+}
 
+fn say_listening(listeners: &Listeners, settings: &Settings) {
     let address = |listener: &TcpListener| {
         listener
             .local_addr()
             .map_or_else(|e| e.to_string(), |a| a.to_string())
     };
-    let (proxy_addr, admin_addr) = (address(&listeners.proxy), address(&listeners.admin));
-    let admin_app = admin::app(AdminState {
-        readiness: readiness.clone(),
-        balancer,
-        discovery: status,
-        tcp: tcp.is_some(),
-    });
-    let admin_server = Server::new(Limits::new(settings.header_read_timeout));
-    // The admin listener lives until the process exits, so /readyz keeps
-    // answering 503 throughout the drain.
-    tokio::spawn(async move {
-        admin_server
-            .serve_router_until(&listeners.admin, admin_app, std::future::pending())
-            .await;
-    });
     tracing::info!(
-        proxy = proxy_addr,
-        admin = admin_addr,
+        proxy = address(&listeners.proxy),
+        admin = address(&listeners.admin),
         mode = ?settings.mode,
         backlog = settings.listen_backlog,
         "listening"
     );
-    if let Some(tcp) = tcp {
-        serve_tcp(tcp, listeners.proxy, &readiness, &live, shutdown).await;
-        return Ok(());
-    }
-
-    let service_for = |addr: SocketAddr| {
-        let proxy = proxy.clone();
-        let peer = Arc::new(Peer::new(addr));
-        service_fn(move |request| {
-            let proxy = proxy.clone();
-            let peer = peer.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(request, &peer).await) }
-        })
-    };
-
-    server
-        .serve_until(&listeners.proxy, service_for, shutdown)
-        .await;
-    readiness.mark_shutting_down();
-    let settings = live.settings.load_full();
-    tracing::info!(drain_delay = ?settings.drain_delay, "readiness now failing; still accepting during the drain delay");
-    server
-        .serve_until(
-            &listeners.proxy,
-            service_for,
-            tokio::time::sleep(settings.drain_delay),
-        )
-        .await;
-    drop(listeners.proxy);
-
-    tracing::info!(
-        connections = server.connections(),
-        "stopped accepting; waiting for in-flight requests"
-    );
-    if server.finish(Some(settings.shutdown_timeout)).await {
-        tracing::info!("all requests answered, exiting");
-    } else {
-        tracing::warn!(timeout = ?settings.shutdown_timeout, "in-flight requests still running at the shutdown timeout; exiting anyway");
-    }
-    Ok(())
 }
 
-/// TCP mode's serving and shutdown: the same steps, with connections in
-/// place of requests.
-async fn serve_tcp(
-    tcp: Arc<TcpProxy>,
+/// The admin listener lives until the process exits, so `/readyz` keeps
+/// answering 503 throughout the drain.
+fn serve_admin(listener: TcpListener, state: AdminState, settings: &Settings) {
+    let app = admin::app(state);
+    let server = Server::new(Limits::new(settings.header_read_timeout));
+    tokio::spawn(async move {
+        server
+            .serve_router_until(&listener, app, std::future::pending())
+            .await;
+    });
+}
+
+/// What shutdown needs of a data plane: accept until told, count what is
+/// open, and wait for it to finish.
+trait Plane {
+    /// What is waited for at the end, and what it is once done, for the
+    /// log lines.
+    const OPEN: &'static str;
+    const DONE: &'static str;
+    fn serve_until(
+        &self,
+        listener: &TcpListener,
+        stop: impl Future<Output = ()> + Send,
+    ) -> impl Future<Output = ()>;
+    fn open(&self) -> usize;
+    fn finish(&self, timeout: Duration) -> impl Future<Output = bool>;
+}
+
+/// HTTP mode: the proxy port's server, answering with the proxy.
+struct Http {
+    server: Arc<Server>,
+    proxy: Arc<Proxy>,
+}
+
+impl Plane for Http {
+    const OPEN: &'static str = "in-flight requests";
+    const DONE: &'static str = "all requests answered";
+
+    async fn serve_until(&self, listener: &TcpListener, stop: impl Future<Output = ()> + Send) {
+        let service_for = |addr: SocketAddr| {
+            let proxy = self.proxy.clone();
+            let peer = Arc::new(Peer::new(addr));
+            service_fn(move |request| {
+                let proxy = proxy.clone();
+                let peer = peer.clone();
+                async move { Ok::<_, Infallible>(proxy.handle(request, &peer).await) }
+            })
+        };
+        self.server.serve_until(listener, service_for, stop).await;
+    }
+
+    fn open(&self) -> usize {
+        self.server.connections()
+    }
+
+    async fn finish(&self, timeout: Duration) -> bool {
+        self.server.finish(Some(timeout)).await
+    }
+}
+
+impl Plane for Arc<TcpProxy> {
+    const OPEN: &'static str = "open connections to finish";
+    const DONE: &'static str = "all connections closed";
+
+    async fn serve_until(&self, listener: &TcpListener, stop: impl Future<Output = ()> + Send) {
+        TcpProxy::serve_until(self, listener, stop).await;
+    }
+
+    fn open(&self) -> usize {
+        self.connections()
+    }
+
+    async fn finish(&self, timeout: Duration) -> bool {
+        TcpProxy::finish(self, timeout).await
+    }
+}
+
+/// Shutdown, in the order Kubernetes needs it (see the module doc): serve
+/// until `shutdown`, fail readiness but keep accepting for the drain delay,
+/// stop accepting, and wait for what is open, at most the shutdown timeout.
+async fn drain<P: Plane>(
+    plane: &P,
     listener: TcpListener,
     readiness: &Readiness,
     live: &Live,
     shutdown: impl Future<Output = ()> + Send,
 ) {
-    tcp.serve_until(&listener, shutdown).await;
+    plane.serve_until(&listener, shutdown).await;
     readiness.mark_shutting_down();
     let settings = live.settings.load_full();
     tracing::info!(drain_delay = ?settings.drain_delay, "readiness now failing; still accepting during the drain delay");
-    tcp.serve_until(&listener, tokio::time::sleep(settings.drain_delay))
+    plane
+        .serve_until(&listener, tokio::time::sleep(settings.drain_delay))
         .await;
     drop(listener);
     tracing::info!(
-        connections = tcp.connections(),
-        "stopped accepting; waiting for open connections to finish"
+        connections = plane.open(),
+        "stopped accepting; waiting for {}",
+        P::OPEN
     );
-    if tcp.finish(settings.shutdown_timeout).await {
-        tracing::info!("all connections closed, exiting");
+    if plane.finish(settings.shutdown_timeout).await {
+        tracing::info!("{}, exiting", P::DONE);
     } else {
-        tracing::warn!(timeout = ?settings.shutdown_timeout, connections = tcp.connections(), "connections still open at the shutdown timeout; closing them");
+        tracing::warn!(timeout = ?settings.shutdown_timeout, connections = plane.open(), "still waiting for {} at the shutdown timeout; exiting anyway", P::OPEN);
     }
 }

@@ -40,16 +40,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use common::serve::Tracker;
 use common::telemetry::Throttle;
 use futures_util::FutureExt;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 
+use crate::balancer::stats::InFlight;
 use crate::balancer::{Backend, Balancer, Outcome};
 use crate::config::Settings;
-use crate::metrics::InFlight;
+use crate::connections::is_local_io;
 
 /// The most read from one side before it is written to the other.
 const BUFFER: usize = 64 * 1024;
@@ -70,8 +71,8 @@ struct TcpSettings {
 pub struct TcpProxy {
     balancer: Arc<Balancer>,
     settings: ArcSwap<TcpSettings>,
-    open: AtomicUsize,
-    all_closed: Notify,
+    /// Each connection's task holds a ticket until it ends.
+    connections: Tracker,
 }
 
 /// Why no backend connection could be made for a client.
@@ -100,8 +101,7 @@ impl TcpProxy {
         TcpProxy {
             balancer,
             settings: ArcSwap::from_pointee(TcpSettings::from(settings)),
-            open: AtomicUsize::new(0),
-            all_closed: Notify::new(),
+            connections: Tracker::default(),
         }
     }
 
@@ -123,35 +123,23 @@ impl TcpProxy {
                 () = &mut stop => return,
             };
             let proxy = self.clone();
-            proxy.open.fetch_add(1, Relaxed);
+            let ticket = self.connections.ticket();
             tokio::spawn(async move {
                 proxy.handle(client, peer).await;
-                if proxy.open.fetch_sub(1, Relaxed) == 1 {
-                    proxy.all_closed.notify_waiters();
-                }
+                drop(ticket);
             });
         }
     }
 
     /// Connections open now.
     pub fn connections(&self) -> usize {
-        self.open.load(Relaxed)
+        self.connections.open()
     }
 
     /// Waits until every connection has closed, or `timeout`; whether they did.
+    /// (A TCP connection has no requests to finish first: it is given the time.)
     pub async fn finish(&self, timeout: Duration) -> bool {
-        let all_closed = async {
-            loop {
-                let notified = self.all_closed.notified();
-                let mut notified = std::pin::pin!(notified);
-                notified.as_mut().enable();
-                if self.open.load(Relaxed) == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        tokio::time::timeout(timeout, all_closed).await.is_ok()
+        self.connections.close_and_wait(Some(timeout)).await
     }
 
     /// One client connection: a backend, then bytes both ways.
@@ -205,7 +193,7 @@ impl TcpProxy {
                     self.balancer.record(&backend, Outcome::Success);
                     return Ok((backend, stream));
                 }
-                Ok(Err(error)) if crate::proxy::is_local_io(&error) => {
+                Ok(Err(error)) if is_local_io(&error) => {
                     static THROTTLE: Throttle = Throttle::new(Duration::from_secs(1));
                     if let Some(held_back) = THROTTLE.allow() {
                         tracing::error!(%error, held_back, "the load balancer is out of file descriptors or local ports (not the backend's fault); closing the client's connection; raise the open file limit (ulimit -n) or lower the load");

@@ -398,12 +398,15 @@ async fn ports_and_probes_match_what_the_binaries_serve() {
     assert_eq!(port_named(lb, "http"), settings.listen.port());
     assert_eq!(port_named(lb, "admin"), settings.admin_listen.port());
     let balancer = std::sync::Arc::new(loadbalancer::balancer::Balancer::new(settings.cooldown));
-    let readiness = std::sync::Arc::new(loadbalancer::admin::Readiness::default());
-    readiness.mark_synced();
+    let discovery = std::sync::Arc::new(loadbalancer::discovery::Status::default());
+    let none = loadbalancer::config::Source::Static(Vec::new());
+    loadbalancer::discovery::start(&none, balancer.clone(), discovery.clone())
+        .await
+        .unwrap();
     let admin = loadbalancer::admin::app(loadbalancer::admin::AdminState {
-        readiness,
+        readiness: Default::default(),
         balancer,
-        discovery: Default::default(),
+        discovery,
         tcp: false,
     });
     for probe in [&lb.liveness_probe, &lb.readiness_probe] {

@@ -56,15 +56,16 @@ use hyper::service::{HttpService, Service, service_fn};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::watch;
 use tokio_io_timeout::TimeoutStream;
 use tower::ServiceExt;
 
 use crate::telemetry::Throttle;
 use streams::{Budgeted, Streams};
 pub use streams::{EARLY_RESETS, Slot};
+pub use tracker::{Ticket, Tracker};
 
 mod streams;
+mod tracker;
 
 /// The largest request head (request line and headers) accepted; beyond it
 /// the client gets 431. nginx allows 32 KiB by default.
@@ -142,8 +143,8 @@ struct Protocols {
 pub struct Server {
     /// Shared by every connection task: one reference count per connection.
     protocols: Arc<Protocols>,
-    /// Changed once, at shutdown; every connection task holds a receiver.
-    closing: watch::Sender<()>,
+    /// Every connection task holds a ticket; closed at shutdown.
+    connections: Tracker,
 }
 
 impl Server {
@@ -172,7 +173,7 @@ impl Server {
                 header_read_timeout,
                 send_timeout_ms: AtomicU64::new(limits.send_timeout.as_millis() as u64),
             }),
-            closing: watch::Sender::new(()),
+            connections: Tracker::default(),
         }
     }
 
@@ -200,7 +201,7 @@ impl Server {
             };
             let service = service_for(peer);
             let protocols = self.protocols.clone();
-            let closing = self.closing.subscribe();
+            let closing = self.connections.ticket();
             tokio::spawn(async move {
                 if let Err(error) = serve_connection(stream, service, &protocols, closing).await {
                     tracing::debug!(%peer, %error, "connection ended with an error");
@@ -236,22 +237,14 @@ impl Server {
 
     /// How many connections are open.
     pub fn connections(&self) -> usize {
-        self.closing.receiver_count()
+        self.connections.open()
     }
 
     /// Tells every connection to close once its request in flight is
     /// answered (idle ones close at once) and waits for all of them, at most
     /// `timeout`. Returns whether they all finished in time.
     pub async fn finish(&self, timeout: Option<Duration>) -> bool {
-        self.closing.send_replace(());
-        let all_closed = self.closing.closed();
-        match timeout {
-            Some(timeout) => tokio::time::timeout(timeout, all_closed).await.is_ok(),
-            None => {
-                all_closed.await;
-                true
-            }
-        }
+        self.connections.close_and_wait(timeout).await
     }
 }
 
@@ -261,7 +254,7 @@ async fn serve_connection<S, B>(
     stream: TcpStream,
     service: S,
     protocols: &Protocols,
-    closing: watch::Receiver<()>,
+    closing: Ticket,
 ) -> hyper::Result<()>
 where
     S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
@@ -366,7 +359,7 @@ where
 /// closes after at most [`ABUSE_GRACE`].
 async fn until_closing<C>(
     connection: C,
-    mut closing: watch::Receiver<()>,
+    mut closing: Ticket,
     abusive: impl Future<Output = ()>,
 ) -> hyper::Result<()>
 where
@@ -375,7 +368,7 @@ where
     let mut connection = pin!(connection);
     tokio::select! {
         result = connection.as_mut() => result,
-        _ = closing.changed() => {
+        () = closing.closing() => {
             connection.as_mut().shut_down();
             connection.await
         }

@@ -65,18 +65,29 @@ pub fn build(
 /// A backend's weight: its own (a `Server`'s `spec.weight`), else its
 /// `IP:port` key, else the longest pod-name prefix that is a key, else 1.
 pub fn weight_of(backend: &Backend, weights: &Weights) -> u32 {
-    if let Some(weight) = backend.pod.weight {
+    if let Some(weight) = backend.origin.weight {
         return weight;
     }
     if let Some(weight) = weights.get(backend.label_str()) {
         return *weight;
     }
-    let pod = backend.pod.name.as_deref().unwrap_or("");
+    let pod = backend.origin.name.as_deref().unwrap_or("");
     weights
         .iter()
         .filter(|(key, _)| !pod.is_empty() && pod.starts_with(key.as_str()))
         .max_by_key(|(key, _)| key.len())
         .map_or(1, |(_, weight)| *weight)
+}
+
+/// A number handed out from outside (the shared counter in Redis), as a
+/// selection: round robin's turn, taken from someone else's counter.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket(pub usize);
+
+impl Selection for Ticket {
+    fn pick(&self, backends: &[Arc<Backend>], usable: &dyn Fn(&Backend) -> bool) -> Option<usize> {
+        usable_for_ticket(self.0, backends, usable)
+    }
 }
 
 impl Algorithm {

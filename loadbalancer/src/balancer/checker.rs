@@ -153,7 +153,7 @@ impl Checker {
     }
 
     async fn probe(&self, backend: &Arc<Backend>, config: &HealthCheck) {
-        let url = match &backend.pod.health_url {
+        let url = match &backend.origin.health_url {
             Some(url) => url.clone(),
             None => format!("http://{}{}", backend.addr, config.path),
         };

@@ -238,6 +238,17 @@ impl Health {
     }
 }
 
+impl State {
+    /// The word for it in metrics and `/backends`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Healthy => "healthy",
+            State::Ejected(_) => "ejected",
+            State::Probing => "probing",
+        }
+    }
+}
+
 impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {

@@ -18,7 +18,10 @@
 //! of its own view alone (Envoy's panic threshold), and says so.
 //!
 //! Each backend also carries the pod it is (when discovery knows it) and its
-//! [`BackendStats`], the numbers the metrics and the admin page show.
+//! [`BackendStats`] ([`stats`]), the numbers the request path counts, which
+//! two of the algorithms read and the metrics and the admin page show. The
+//! balancer knows nothing of HTTP or TCP: it hands out backends, and each
+//! data plane keeps its own connections to them.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -28,12 +31,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use hyper::header::HeaderValue;
-use hyper::http::uri::Authority;
+use common::sync::lock;
 use jiff::Timestamp;
 use serde::Serialize;
-
-use crate::metrics::{BackendStats, Totals};
 
 pub mod algorithm;
 pub mod checker;
@@ -43,22 +43,24 @@ mod power_of_two;
 mod random;
 mod round_robin;
 pub mod shared_counter;
+pub mod stats;
 mod weighted;
 
 use algorithm::Selection;
 pub use algorithm::{Algorithm, Weights};
 use health::{Health, now_ms};
 pub use health::{Outcome, Reason, State};
+use stats::{BackendStats, Totals};
 
 /// How many recent changes of the set are kept for the admin page.
 const CHANGES_KEPT: usize = 50;
 
-/// Which pod a backend address is, where discovery knows it (EndpointSlices
-/// name the pod, its node and zone; a static list knows nothing; a `Server`
-/// resource gives its name, weight and health URL).
+/// Where a backend came from, as far as discovery knows: the pod it is
+/// (EndpointSlices name the pod, its node and zone), or the `Server`
+/// resource (its name, weight and health URL); a static list knows nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Pod {
+pub struct Origin {
     pub name: Option<String>,
     pub node: Option<String>,
     pub zone: Option<String>,
@@ -71,25 +73,22 @@ pub struct Pod {
 }
 
 /// A whole set of backends, as discovery publishes it.
-pub type BackendSet = BTreeMap<SocketAddr, Pod>;
+pub type BackendSet = BTreeMap<SocketAddr, Origin>;
 
 /// One backend, and what the request path has learned about its health.
 #[derive(Debug)]
 pub struct Backend {
     pub addr: SocketAddr,
-    pub pod: Pod,
-    /// `addr` as a URI authority, built once rather than per request.
-    pub authority: Authority,
-    /// `addr` as a header value, for `x-served-by`.
-    pub label: HeaderValue,
+    pub origin: Origin,
+    /// `addr` as text, built once: the HTTP path's `x-served-by`, metric labels.
+    label: Box<str>,
     pub stats: BackendStats,
     pub health: Health,
     /// Set when it leaves the set: its health checks stop.
     pub left: AtomicBool,
-    /// Woken when it leaves the set: TCP connections to it start draining.
+    /// Woken when it leaves the set: TCP connections to it start draining,
+    /// the HTTP path forgets its connections.
     departure: tokio::sync::Notify,
-    /// Its open connections, idle or shared; closed when it is dropped.
-    pub connections: crate::proxy::Connections,
 }
 
 /// The immutable set of backends requests are spread over.
@@ -107,7 +106,7 @@ pub struct Snapshot {
 
 /// The algorithm and weights from the config.
 #[derive(Debug, Clone, Default)]
-struct Policy {
+struct AlgorithmConfig {
     algorithm: Algorithm,
     weights: Weights,
 }
@@ -149,7 +148,7 @@ pub struct Member {
 pub struct Balancer {
     current: ArcSwap<Snapshot>,
     /// Read and written by discovery and config changes only.
-    policy: Mutex<Policy>,
+    algorithm: Mutex<AlgorithmConfig>,
     /// Outlier detection's settings; the config can change them while running.
     outlier: ArcSwap<health::Policy>,
     /// The numbers that belong to no one backend.
@@ -165,26 +164,20 @@ pub struct Balancer {
 // === impl Backend ===
 
 impl Backend {
-    pub fn new(addr: SocketAddr, pod: Pod) -> Backend {
-        let text = addr.to_string();
+    pub fn new(addr: SocketAddr, origin: Origin) -> Backend {
         Backend {
             addr,
-            // An IP:port always forms a valid authority and header value.
-            authority: text
-                .parse()
-                .unwrap_or_else(|_| Authority::from_static("invalid")),
-            label: HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("invalid")),
+            label: addr.to_string().into(),
             stats: BackendStats::default(),
             // Only its checks vouch for a backend with a health URL.
-            health: if pod.health_url.is_some() {
+            health: if origin.health_url.is_some() {
                 Health::unverified()
             } else {
                 Health::default()
             },
             left: AtomicBool::new(false),
             departure: tokio::sync::Notify::new(),
-            connections: crate::proxy::Connections::default(),
-            pod,
+            origin,
         }
     }
 
@@ -203,9 +196,9 @@ impl Backend {
         }
     }
 
-    /// `addr` as text, for metric labels.
+    /// `addr` as text, for metric labels and headers.
     pub fn label_str(&self) -> &str {
-        self.label.to_str().unwrap_or("invalid")
+        &self.label
     }
 
     pub fn state(&self) -> State {
@@ -215,7 +208,7 @@ impl Backend {
     fn member(&self) -> Member {
         Member {
             address: self.addr,
-            pod: self.pod.name.clone(),
+            pod: self.origin.name.clone(),
         }
     }
 
@@ -233,7 +226,7 @@ impl Snapshot {
         backends: Box<[Arc<Backend>]>,
         generation: u64,
         changed_at: Option<Timestamp>,
-        policy: &Policy,
+        policy: &AlgorithmConfig,
     ) -> Snapshot {
         Snapshot {
             selection: algorithm::build(policy.algorithm, &policy.weights, &backends),
@@ -251,10 +244,10 @@ impl Balancer {
     /// A balancer with no backends yet; `cooldown` is how long a first
     /// ejection lasts (the rest of the health policy: its defaults).
     pub fn new(cooldown: Duration) -> Balancer {
-        let policy = Policy::default();
+        let policy = AlgorithmConfig::default();
         Balancer {
             current: ArcSwap::from_pointee(Snapshot::new(Box::default(), 0, None, &policy)),
-            policy: Mutex::new(policy),
+            algorithm: Mutex::new(policy),
             outlier: ArcSwap::from_pointee(health::Policy {
                 base_ejection: cooldown,
                 ..health::Policy::default()
@@ -273,15 +266,12 @@ impl Balancer {
 
     /// Uses `algorithm` (with `weights`) from the next request on.
     pub fn set_algorithm(&self, algorithm: Algorithm, weights: &Weights) {
-        let policy = Policy {
+        let policy = AlgorithmConfig {
             algorithm,
             weights: weights.clone(),
         };
-        let unchanged = self
-            .policy
-            .lock()
-            .is_ok_and(|current| current.algorithm == algorithm && current.weights == *weights);
-        if unchanged {
+        let mut current = lock(&self.algorithm);
+        if current.algorithm == algorithm && current.weights == *weights {
             return;
         }
         let old = self.current.load();
@@ -291,17 +281,13 @@ impl Balancer {
             old.changed_at,
             &policy,
         );
-        if let Ok(mut current) = self.policy.lock() {
-            *current = policy;
-        }
+        *current = policy;
         self.current.store(Arc::new(snapshot));
     }
 
     /// A backend's weight under the configured weights (1 when unweighted).
     pub fn weight_of(&self, backend: &Backend) -> u32 {
-        self.policy
-            .lock()
-            .map_or(1, |policy| algorithm::weight_of(backend, &policy.weights))
+        algorithm::weight_of(backend, &lock(&self.algorithm).weights)
     }
 
     /// Changes outlier detection's settings from now on.
@@ -311,10 +297,7 @@ impl Balancer {
 
     /// The latest changes of the set, newest last.
     pub fn recent_changes(&self) -> Vec<ChangeRecord> {
-        self.changes
-            .lock()
-            .map(|changes| changes.iter().cloned().collect())
-            .unwrap_or_default()
+        lock(&self.changes).iter().cloned().collect()
     }
 
     /// Replaces the backend set with `set`. Backends that stay (same address,
@@ -323,10 +306,10 @@ impl Balancer {
     /// changes nothing.
     pub fn publish(&self, set: &BackendSet) -> Change {
         let old = self.current.load();
-        let kept = |addr: &SocketAddr, pod: &Pod| {
+        let kept = |addr: &SocketAddr, origin: &Origin| {
             old.backends
                 .iter()
-                .find(|b| b.addr == *addr && b.pod == *pod)
+                .find(|b| b.addr == *addr && b.origin == *origin)
                 .cloned()
         };
         let backends: Box<[Arc<Backend>]> = set
@@ -356,24 +339,24 @@ impl Balancer {
             gone.left.store(true, Relaxed);
             gone.departure.notify_waiters();
         }
-        let policy = self.policy.lock().map(|p| p.clone()).unwrap_or_default();
+        let policy = lock(&self.algorithm).clone();
         let snapshot = Snapshot::new(
             backends,
             old.generation + 1,
             Some(Timestamp::now()),
             &policy,
         );
-        if let Ok(mut changes) = self.changes.lock() {
-            if changes.len() == CHANGES_KEPT {
-                changes.pop_front();
-            }
-            changes.push_back(ChangeRecord {
-                at: snapshot.changed_at.unwrap_or_else(Timestamp::now),
-                generation: snapshot.generation,
-                joined,
-                left,
-            });
+        let mut changes = lock(&self.changes);
+        if changes.len() == CHANGES_KEPT {
+            changes.pop_front();
         }
+        changes.push_back(ChangeRecord {
+            at: snapshot.changed_at.unwrap_or_else(Timestamp::now),
+            generation: snapshot.generation,
+            joined,
+            left,
+        });
+        drop(changes);
         for joined in snapshot.backends.iter().filter(is_new) {
             self.checker.watch(joined);
         }
@@ -403,33 +386,25 @@ impl Balancer {
 
     fn pick_from(&self, tried: &[SocketAddr], shared: Option<usize>) -> Option<Arc<Backend>> {
         let snapshot = self.current.load();
-        let backends = &snapshot.backends;
-        let now = now_ms();
-        let mut lost_probe_race = Vec::new();
-        loop {
-            let usable = |b: &Backend| {
-                b.health.may_admit(now)
-                    && !tried.contains(&b.addr)
-                    && !lost_probe_race.contains(&b.addr)
-            };
-            let picked = match shared {
-                Some(number) if !backends.is_empty() => {
-                    algorithm::usable_for_ticket(number, backends, &usable)
-                }
-                _ => snapshot.selection.pick(backends, &usable),
-            };
-            let Some(i) = picked else {
-                break;
-            };
-            // A probing backend takes one request; another may have won it.
-            if backends[i].health.admit(now) {
-                return Some(backends[i].clone());
+        let ticket;
+        let selection: &dyn Selection = match shared {
+            Some(number) => {
+                ticket = algorithm::Ticket(number);
+                &ticket
             }
-            lost_probe_race.push(backends[i].addr);
-        }
+            None => &*snapshot.selection,
+        };
+        pick_admitted(&snapshot.backends, selection, tried)
+            .or_else(|| self.fail_open(&snapshot, tried))
+    }
+
+    /// With every backend ejected: any of them, at random, but never a tried
+    /// one; `None` while some backend is not ejected (then none was left).
+    fn fail_open(&self, snapshot: &Snapshot, tried: &[SocketAddr]) -> Option<Arc<Backend>> {
         if !self.failing_open() {
             return None;
         }
+        let backends = &snapshot.backends;
         static THROTTLE: common::telemetry::Throttle =
             common::telemetry::Throttle::new(Duration::from_secs(1));
         if let Some(held_back) = THROTTLE.allow() {
@@ -440,8 +415,8 @@ impl Balancer {
             );
         }
         self.totals.failed_open();
-        // Any of them, at random: the algorithm's own state already moved on
-        // for the pick that found nothing.
+        // At random: the algorithm's own state already moved on for the
+        // pick that found nothing.
         let start = fastrand::usize(..backends.len());
         let i = algorithm::usable_for_ticket(start, backends, &|b| !tried.contains(&b.addr))?;
         Some(backends[i].clone())
@@ -479,6 +454,30 @@ impl Balancer {
     }
 }
 
+/// The backend `selection` picks among those that health admits and that
+/// were not `tried`. A probing backend takes one request; when another
+/// request won it, the pick is made again without it.
+fn pick_admitted(
+    backends: &[Arc<Backend>],
+    selection: &dyn Selection,
+    tried: &[SocketAddr],
+) -> Option<Arc<Backend>> {
+    let now = now_ms();
+    let mut lost_probe_race = Vec::new();
+    loop {
+        let usable = |b: &Backend| {
+            b.health.may_admit(now)
+                && !tried.contains(&b.addr)
+                && !lost_probe_race.contains(&b.addr)
+        };
+        let i = selection.pick(backends, &usable)?;
+        if backends[i].health.admit(now) {
+            return Some(backends[i].clone());
+        }
+        lost_probe_race.push(backends[i].addr);
+    }
+}
+
 impl fmt::Display for Change {
     /// `+10.244.1.7:8080 -10.244.1.3:8080 (3 backends)`
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -499,7 +498,7 @@ mod tests {
 
     fn addrs(list: &[&str]) -> BackendSet {
         list.iter()
-            .map(|a| (a.parse().unwrap(), Pod::default()))
+            .map(|a| (a.parse().unwrap(), Origin::default()))
             .collect()
     }
 
@@ -574,15 +573,15 @@ mod tests {
     fn the_same_address_as_another_pod_is_a_new_backend() {
         let balancer = Balancer::new(Duration::from_secs(1));
         let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
-        let pod = |name: &str| Pod {
+        let pod = |name: &str| Origin {
             name: Some(name.into()),
-            ..Pod::default()
+            ..Origin::default()
         };
         balancer.publish(&BackendSet::from([(addr, pod("backend-a"))]));
         let change = balancer.publish(&BackendSet::from([(addr, pod("backend-b"))]));
         assert_eq!((change.added.len(), change.removed.len()), (1, 1));
         assert_eq!(
-            balancer.snapshot().backends[0].pod.name.as_deref(),
+            balancer.snapshot().backends[0].origin.name.as_deref(),
             Some("backend-b")
         );
     }
@@ -682,9 +681,9 @@ mod tests {
     fn set(list: &[(&str, &str)]) -> BackendSet {
         list.iter()
             .map(|(addr, pod)| {
-                let pod = Pod {
+                let pod = Origin {
                     name: Some(pod.to_string()),
-                    ..Pod::default()
+                    ..Origin::default()
                 };
                 (addr.parse().unwrap(), pod)
             })
@@ -734,7 +733,7 @@ mod tests {
         let backends = balancer.snapshot().backends.clone();
         let _busy: Vec<_> = [0, 0, 2]
             .iter()
-            .map(|&i| crate::metrics::InFlight::start(backends[i].clone()))
+            .map(|&i| stats::InFlight::start(backends[i].clone()))
             .collect();
         assert_eq!(picks(&balancer, 5), vec!["10.0.0.2:80"; 5]);
     }
@@ -745,7 +744,7 @@ mod tests {
         balancer.publish(&addrs(&["10.0.0.1:80", "10.0.0.2:80"]));
         balancer.set_algorithm(Algorithm::PowerOfTwo, &Weights::new());
         let backends = balancer.snapshot().backends.clone();
-        let _busy = crate::metrics::InFlight::start(backends[0].clone());
+        let _busy = stats::InFlight::start(backends[0].clone());
         // With two backends, the two choices are always both of them.
         assert_eq!(picks(&balancer, 50), vec!["10.0.0.2:80"; 50]);
     }
@@ -760,7 +759,7 @@ mod tests {
         backends[1].stats.answered(200, Duration::from_millis(50));
         // The fast one with 20 in flight still costs less than the idle slow one.
         let _busy: Vec<_> = (0..20)
-            .map(|_| crate::metrics::InFlight::start(backends[0].clone()))
+            .map(|_| stats::InFlight::start(backends[0].clone()))
             .collect();
         assert_eq!(picks(&balancer, 20), vec!["10.0.0.1:80"; 20]);
     }

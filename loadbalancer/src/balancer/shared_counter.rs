@@ -39,7 +39,7 @@ pub struct SharedCounter {
     falling_back: AtomicBool,
     /// Redis is not asked again before this time (ms, the health clock).
     paused_until_ms: AtomicU64,
-    pub fallbacks: AtomicU64,
+    fallbacks: AtomicU64,
 }
 
 impl std::fmt::Debug for SharedCounter {
@@ -55,6 +55,13 @@ pub fn check_url(url: &str) -> Result<(), String> {
     redis::Client::open(url)
         .map(drop)
         .map_err(|e| format!("{url:?} is not a Redis URL ({e}); write redis://host:6379"))
+}
+
+impl SharedCounter {
+    /// Numbers taken locally because Redis failed.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks.load(Relaxed)
+    }
 }
 
 impl SharedCounter {

@@ -23,7 +23,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 
-use crate::balancer::{BackendSet, Pod};
+use crate::balancer::{BackendSet, Origin};
 use crate::config::BackendPort;
 
 /// The backend addresses in `slices`, merged and de-duplicated, with the
@@ -80,12 +80,12 @@ pub fn backends<'a>(
 }
 
 /// Which pod an endpoint is, as far as the slice says.
-fn pod(endpoint: &Endpoint) -> Pod {
-    Pod {
+fn pod(endpoint: &Endpoint) -> Origin {
+    Origin {
         name: super::pod_name(endpoint.target_ref.as_ref()),
         node: endpoint.node_name.clone(),
         zone: endpoint.zone.clone(),
-        ..Pod::default()
+        ..Origin::default()
     }
 }
 
@@ -139,7 +139,7 @@ mod tests {
 
     fn addrs(list: &[&str]) -> BackendSet {
         list.iter()
-            .map(|a| (a.parse().unwrap(), Pod::default()))
+            .map(|a| (a.parse().unwrap(), Origin::default()))
             .collect()
     }
 
@@ -159,11 +159,11 @@ mod tests {
         let found = backends(&slices, &HTTP);
         assert_eq!(
             found[&"10.0.0.1:8080".parse().unwrap()],
-            Pod {
+            Origin {
                 name: Some("backend-7d9f-x2k4q".into()),
                 node: Some("lb-demo-worker".into()),
                 zone: Some("zone-a".into()),
-                ..Pod::default()
+                ..Origin::default()
             }
         );
     }

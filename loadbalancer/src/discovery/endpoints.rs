@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 #[allow(deprecated)] // v1 Endpoints: deprecated, kept on purpose (see the module doc)
 use k8s_openapi::api::core::v1::Endpoints;
 
-use crate::balancer::{BackendSet, Pod};
+use crate::balancer::{BackendSet, Origin};
 use crate::config::BackendPort;
 
 /// The ready backend addresses in `endpoints`, with the pod and node each
@@ -37,10 +37,10 @@ pub fn backends<'a>(
         // `notReadyAddresses` are deliberately not used.
         for address in subset.addresses.iter().flatten() {
             if let Ok(ip) = address.ip.parse::<IpAddr>() {
-                let pod = Pod {
+                let pod = Origin {
                     name: super::pod_name(address.target_ref.as_ref()),
                     node: address.node_name.clone(),
-                    ..Pod::default()
+                    ..Origin::default()
                 };
                 found.insert(SocketAddr::new(ip, port), pod);
             }
@@ -78,7 +78,7 @@ mod tests {
         };
         let expected: BackendSet = ["10.0.0.1:8080", "[fd00::2]:8080"]
             .iter()
-            .map(|a| (a.parse().unwrap(), Pod::default()))
+            .map(|a| (a.parse().unwrap(), Origin::default()))
             .collect();
         assert_eq!(backends([&endpoints], &BackendPort::Number(8080)), expected);
         assert_eq!(

@@ -26,7 +26,6 @@ use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use super::{Status, publish};
-use crate::admin::Readiness;
 use crate::balancer::{BackendSet, Balancer};
 
 /// What is being watched, for log lines and error messages.
@@ -48,7 +47,6 @@ pub async fn watch<K, F>(
     watched: Watched,
     to_backends: impl Fn(Vec<Arc<K>>) -> F,
     balancer: Arc<Balancer>,
-    readiness: Arc<Readiness>,
     status: Arc<Status>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -81,22 +79,16 @@ pub async fn watch<K, F>(
                     tracing::info!(resource = watched.resource, "watch restored");
                 }
                 publish(&balancer, &to_backends(store.state()).await);
-                // Both say "synced" from the same event: one truth.
                 status.event();
-                readiness.mark_synced();
             }
             Err(error) => {
+                let reason = reason(&error);
                 let message = describe(&error, &watched);
-                balancer.totals.discovery_error(reason(&error));
+                balancer.totals.discovery_error(reason);
                 status.error(&message);
                 // One line per kind of trouble, not one per retry.
-                if trouble != Some(reason(&error)) {
-                    if is_forbidden(&error) {
-                        tracing::error!("{message}");
-                    } else {
-                        tracing::warn!(kept = balancer.snapshot().backends.len(), "{message}");
-                    }
-                    trouble = Some(reason(&error));
+                if trouble.replace(reason) != Some(reason) {
+                    say_trouble(&error, &message, &balancer);
                 }
                 // After 410 Gone the watcher lists again at once, as
                 // client-go does: the server is answering, nothing to wait for.
@@ -105,6 +97,16 @@ pub async fn watch<K, F>(
                 }
             }
         }
+    }
+}
+
+/// A refusal is an error (someone must fix the RBAC); the rest are
+/// warnings that the last set is still served.
+fn say_trouble(error: &watcher::Error, message: &str, balancer: &Balancer) {
+    if is_forbidden(error) {
+        tracing::error!("{message}");
+    } else {
+        tracing::warn!(kept = balancer.snapshot().backends.len(), "{message}");
     }
 }
 

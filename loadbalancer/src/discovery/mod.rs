@@ -26,6 +26,7 @@ pub mod servers;
 
 use std::sync::{Arc, Mutex};
 
+use common::sync::lock;
 use jiff::Timestamp;
 use serde::Serialize;
 
@@ -33,9 +34,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher;
 use kube::{Api, Client};
 
-use crate::admin::Readiness;
-use crate::balancer::{BackendSet, Balancer, Pod};
-use crate::config::{Source, WatchedApi};
+use crate::balancer::{BackendSet, Balancer, Origin};
+use crate::config::{BackendPort, Source, WatchedApi};
 use kubernetes::Watched;
 
 /// Why discovery could not start.
@@ -50,7 +50,8 @@ pub enum DiscoveryError {
     Dns(String),
 }
 
-/// How discovery is doing, for `/backends` and the admin page.
+/// How discovery is doing, for `/readyz`, `/backends` and the admin page:
+/// the one place that says whether the first full list is in.
 #[derive(Debug, Default)]
 pub struct Status(Mutex<StatusReport>);
 
@@ -67,13 +68,15 @@ pub struct StatusReport {
     pub since: Option<Timestamp>,
     /// When the last list or watch event arrived.
     pub last_event: Option<Timestamp>,
+    /// Whether a first full list has been published (it stays so while
+    /// retrying: the last set is still served).
+    #[serde(skip)]
+    pub listed: bool,
 }
 
 impl Status {
     fn update(&self, change: impl FnOnce(&mut StatusReport)) {
-        if let Ok(mut report) = self.0.lock() {
-            change(&mut report);
-        }
+        change(&mut lock(&self.0));
     }
 
     fn start(&self, source: &'static str) {
@@ -97,6 +100,7 @@ impl Status {
                 report.last_error = None;
             }
             report.last_event = Some(now);
+            report.listed = true;
         });
     }
 
@@ -112,134 +116,176 @@ impl Status {
     }
 
     pub fn report(&self) -> StatusReport {
-        self.0.lock().map(|r| r.clone()).unwrap_or_default()
+        lock(&self.0).clone()
+    }
+
+    /// Whether the first full list of backends is in.
+    pub fn has_listed(&self) -> bool {
+        lock(&self.0).listed
     }
 }
 
-/// Starts the configured source. It publishes into `balancer`, marks
-/// `readiness` synced once the first full list is in, and keeps `status`.
+/// Starts the configured source. It publishes into `balancer` and keeps
+/// `status`.
 pub async fn start(
     source: &Source,
     balancer: Arc<Balancer>,
-    readiness: Arc<Readiness>,
     status: Arc<Status>,
 ) -> Result<(), DiscoveryError> {
-    if let Source::Static(addrs) = source {
-        status.start("static");
-        publish(&balancer, &static_set(addrs));
-        status.event();
-        readiness.mark_synced();
-        return Ok(());
-    }
-
-    // A kubeconfig (KUBECONFIG or ~/.kube/config) if there is one, else the
-    // in-cluster service account.
-    let client = Client::try_default()
-        .await
-        .map_err(DiscoveryError::Client)?;
-    let namespace = ["NAMESPACE", "POD_NAMESPACE"]
-        .iter()
-        .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
-        .unwrap_or_else(|| client.default_namespace().to_owned());
-
-    match source.clone() {
-        Source::Static(_) => {}
+    match source {
+        Source::Static(addrs) => {
+            status.start("static");
+            publish(&balancer, &static_set(addrs));
+            status.event();
+        }
         Source::Servers {
             dns_server,
             status_write_interval,
-        } => servers::start(
-            client,
-            &namespace,
-            dns_server,
-            status_write_interval,
-            balancer,
-            readiness,
-            status,
-        )?,
+        } => {
+            let to = Targets::connect(balancer, status).await?;
+            let interval = *status_write_interval;
+            servers::start(
+                to.client,
+                &to.namespace,
+                *dns_server,
+                interval,
+                to.balancer,
+                to.status,
+            )?;
+        }
         Source::Pods { selector, port } => {
-            let watched = Watched {
-                resource: "pods",
-                namespace: namespace.clone(),
-                selector: selector.clone(),
-            };
-            tracing::info!(namespace, selector, %port, "watching Pods");
-            status.start("pods");
+            watch_pods(Targets::connect(balancer, status).await?, selector, port);
+        }
+        Source::Kubernetes { api, service, port } => {
+            watch_service(
+                Targets::connect(balancer, status).await?,
+                *api,
+                service,
+                port,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The client, the namespace, and where a watch publishes.
+struct Targets {
+    client: Client,
+    namespace: String,
+    balancer: Arc<Balancer>,
+    status: Arc<Status>,
+}
+
+impl Targets {
+    /// A kubeconfig (KUBECONFIG or ~/.kube/config) if there is one, else the
+    /// in-cluster service account; the namespace from the environment
+    /// (the Downward API), else the client's.
+    async fn connect(
+        balancer: Arc<Balancer>,
+        status: Arc<Status>,
+    ) -> Result<Targets, DiscoveryError> {
+        let client = Client::try_default()
+            .await
+            .map_err(DiscoveryError::Client)?;
+        let namespace = ["NAMESPACE", "POD_NAMESPACE"]
+            .iter()
+            .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        Ok(Targets {
+            client,
+            namespace,
+            balancer,
+            status,
+        })
+    }
+}
+
+/// The Pods that match `selector`, ready ones as backends on `port`.
+fn watch_pods(targets: Targets, selector: &str, port: &BackendPort) {
+    let Targets {
+        client,
+        namespace,
+        balancer,
+        status,
+    } = targets;
+    tracing::info!(namespace, selector, %port, "watching Pods");
+    status.start("pods");
+    let watched = Watched {
+        resource: "pods",
+        namespace: namespace.clone(),
+        selector: selector.to_owned(),
+    };
+    let config = watcher::Config::default().labels(selector);
+    let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client, &namespace);
+    let port = port.clone();
+    let to_backends = move |objects: Vec<Arc<k8s_openapi::api::core::v1::Pod>>| {
+        std::future::ready(pods::backends(objects.iter().map(|o| o.as_ref()), &port))
+    };
+    let watch = kubernetes::watch(api, config, watched, to_backends, balancer, status);
+    tokio::spawn(watch);
+}
+
+/// The endpoints of the Service named `service`, from EndpointSlices or
+/// from the older v1 Endpoints.
+fn watch_service(targets: Targets, api: WatchedApi, service: &str, port: &BackendPort) {
+    let Targets {
+        client,
+        namespace,
+        balancer,
+        status,
+    } = targets;
+    let port = port.clone();
+    match api {
+        WatchedApi::EndpointSlices => {
+            let selector = format!("kubernetes.io/service-name={service}");
+            tracing::info!(namespace, selector, %port, "watching EndpointSlices");
+            status.start("endpointslices");
             let config = watcher::Config::default().labels(&selector);
-            let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client, &namespace);
-            tokio::spawn(kubernetes::watch(
-                api,
-                config,
-                watched,
-                move |objects| {
-                    std::future::ready(pods::backends(objects.iter().map(|o| o.as_ref()), &port))
-                },
-                balancer,
-                readiness,
-                status,
-            ));
-        }
-        Source::Kubernetes {
-            api: WatchedApi::Endpoints,
-            service,
-            port,
-        } => {
-            let watched = Watched {
-                resource: "endpoints",
-                namespace: namespace.clone(),
-                selector: format!("metadata.name={service}"),
-            };
-            tracing::info!(namespace, selector = watched.selector, %port, "watching v1 Endpoints");
-            status.start("endpoints");
-            let config = watcher::Config::default().fields(&watched.selector);
-            #[allow(deprecated)] // v1 Endpoints, kept on purpose: see endpoints.rs
-            let api: Api<k8s_openapi::api::core::v1::Endpoints> =
-                Api::namespaced(client, &namespace);
-            tokio::spawn(kubernetes::watch(
-                api,
-                config,
-                watched,
-                move |objects| {
-                    std::future::ready(endpoints::backends(
-                        objects.iter().map(|o| o.as_ref()),
-                        &port,
-                    ))
-                },
-                balancer,
-                readiness,
-                status,
-            ));
-        }
-        Source::Kubernetes {
-            api: WatchedApi::EndpointSlices,
-            service,
-            port,
-        } => {
             let watched = Watched {
                 resource: "endpointslices.discovery.k8s.io",
                 namespace: namespace.clone(),
-                selector: format!("kubernetes.io/service-name={service}"),
+                selector,
             };
-            tracing::info!(namespace, selector = watched.selector, %port, "watching EndpointSlices");
-            status.start("endpointslices");
-            let config = watcher::Config::default().labels(&watched.selector);
             let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
+            let to_backends = move |slices: Vec<Arc<EndpointSlice>>| {
+                let slices = slices.iter().map(|s| s.as_ref());
+                std::future::ready(endpoint_slices::backends(slices, &port))
+            };
             tokio::spawn(kubernetes::watch(
                 api,
                 config,
                 watched,
-                move |slices| {
-                    std::future::ready(endpoint_slices::backends(
-                        slices.iter().map(|s| s.as_ref()),
-                        &port,
-                    ))
-                },
+                to_backends,
                 balancer,
-                readiness,
+                status,
+            ));
+        }
+        WatchedApi::Endpoints => {
+            let selector = format!("metadata.name={service}");
+            tracing::info!(namespace, selector, %port, "watching v1 Endpoints");
+            status.start("endpoints");
+            let config = watcher::Config::default().fields(&selector);
+            let watched = Watched {
+                resource: "endpoints",
+                namespace: namespace.clone(),
+                selector,
+            };
+            let api: Api<k8s_openapi::api::core::v1::Endpoints> =
+                Api::namespaced(client, &namespace);
+            let to_backends = move |objects: Vec<Arc<k8s_openapi::api::core::v1::Endpoints>>| {
+                let objects = objects.iter().map(|o| o.as_ref());
+                std::future::ready(endpoints::backends(objects, &port))
+            };
+            tokio::spawn(kubernetes::watch(
+                api,
+                config,
+                watched,
+                to_backends,
+                balancer,
                 status,
             ));
         }
     }
-    Ok(())
 }
 
 /// The pod an endpoint's `targetRef` names, if it names a pod.
@@ -251,7 +297,10 @@ pub fn pod_name(target: Option<&k8s_openapi::api::core::v1::ObjectReference>) ->
 
 /// A fixed list as a backend set: addresses, no pods.
 pub fn static_set(addrs: &[std::net::SocketAddr]) -> BackendSet {
-    addrs.iter().map(|addr| (*addr, Pod::default())).collect()
+    addrs
+        .iter()
+        .map(|addr| (*addr, Origin::default()))
+        .collect()
 }
 
 /// Publishes `set` as the new backend set and logs the change, if any.

@@ -21,7 +21,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::Pod as KubePod;
 
-use crate::balancer::{BackendSet, Pod};
+use crate::balancer::{BackendSet, Origin};
 use crate::config::BackendPort;
 
 /// The ready pods in `pods`, on the `wanted` port.
@@ -34,10 +34,10 @@ pub fn backends<'a>(
         .filter_map(|pod| {
             let ip: IpAddr = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
             let port = port(pod, wanted)?;
-            let about = Pod {
+            let about = Origin {
                 name: pod.metadata.name.clone(),
                 node: pod.spec.as_ref().and_then(|spec| spec.node_name.clone()),
-                ..Pod::default()
+                ..Origin::default()
             };
             Some((SocketAddr::new(ip, port), about))
         })

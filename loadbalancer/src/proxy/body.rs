@@ -45,9 +45,10 @@ use common::serve::Slot;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use super::pool::{Lease, lock};
-use super::source_chain;
-use crate::metrics::InFlight;
+use common::sync::lock;
+
+use super::Lease;
+use crate::balancer::stats::InFlight;
 
 /// Why a body ended before it was complete.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -346,7 +347,7 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(error))) => {
-                let error = this.fail(BodyError::Broken(source_chain(&error)));
+                let error = this.fail(BodyError::Broken(common::errors::chain(&error)));
                 Poll::Ready(Some(Err(error)))
             }
             Poll::Pending => {

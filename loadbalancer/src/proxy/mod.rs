@@ -2,7 +2,8 @@
 //!
 //! For each request the proxy picks a backend from the current snapshot,
 //! rewrites the headers a proxy must rewrite ([`headers`]), and sends the
-//! request over a pooled keep-alive connection. Bodies are streamed both
+//! request over a pooled keep-alive connection ([`crate::connections`]).
+//! Bodies are streamed both
 //! ways, never held whole in memory, so a 1 GiB upload costs no more than a
 //! small one; each has an idle timeout ([`body`]).
 //!
@@ -14,8 +15,7 @@
 //! When a backend cannot be reached (connection refused, connect timeout),
 //! nothing was sent, so a request without a body is retried on the next
 //! backend, and the failed one is ejected (see [`crate::balancer::health`]).
-//! A request with a body is
-//! not retried: its body streams straight from the client and cannot be
+//! A request with a body is not retried: its body streams straight from the client and cannot be
 //! replayed (nginx and Envoy buffer bodies to replay them; we keep memory
 //! flat instead). Once a request has been sent, a failure is a 502 and a
 //! backend too slow to answer a 504, with one exception: a bodiless GET,
@@ -26,7 +26,11 @@
 //! Not every failure is the backend's: a client whose upload is malformed
 //! gets 400 (408 if it stalls), and the load balancer's own shortage of file
 //! descriptors or local ports is a 503 that leaves the backend's health
-//! record alone. See [`Failure`].
+//! record alone. See [`failure`].
+//!
+//! [`Proxy::handle`] reads in three steps: [`Prepared::new`] checks and
+//! rewrites the request, [`Proxy::attempts`] picks backends and tries them
+//! ([`send`]), and [`Proxy::finish`] counts and logs what came of it.
 //!
 //! Clients may speak HTTP/1.1 or HTTP/2 (h2c, see [`common::serve`]); with
 //! HTTP/2 every request (stream) of one connection is balanced on its own,
@@ -42,10 +46,10 @@
 
 mod body;
 mod detach;
+mod failure;
 pub mod headers;
-mod pool;
+mod send;
 
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -53,33 +57,33 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use common::telemetry::Throttle;
+use common::serve::Slot;
 use http_body_util::{Either, Empty, Full};
 use hyper::body::{Body as _, Incoming};
-use hyper::header::{self, HeaderMap, HeaderValue};
-use hyper::http::uri::{PathAndQuery, Scheme};
-use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::TokioIo;
-use nix::errno::Errno;
+use hyper::header::{self, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::http::uri::PathAndQuery;
+use hyper::{Method, Request, Response, StatusCode, Version};
 
+use crate::balancer::stats::InFlight;
 use crate::balancer::{Backend, Balancer, Outcome};
 use crate::config::{BackendProtocol, Settings};
-use crate::metrics::InFlight;
-use body::{BodyError, Held, Timed, Upload};
-use common::serve::Slot;
+use crate::connections::{self, Table, Timeouts};
+use body::{Held, Timed, Upload};
 use detach::Detachable;
+use failure::{Facts, Failure};
 pub use headers::{SERVED_BY, X_REQUEST_ID};
-use headers::{
-    prepare_request_headers, remove_hop_by_hop, request_id, restore_upgrade, upgrade_protocol,
-};
-pub use pool::Connections;
-use pool::{ConnectError, Lease, Timeouts};
+use headers::{prepare_request_headers, request_id, upgrade_protocol};
 
 /// The body of a response to the client: the backend's, streamed, or our
 /// own JSON error.
 pub type ProxyBody = Either<Timed<Incoming>, Full<Bytes>>;
 /// The body of a request to a backend: the client's, streamed, or none.
 pub type UpstreamBody = Either<Timed<Incoming>, Empty<Bytes>>;
+/// One backend's connections, as the HTTP path keeps them.
+type Conns = connections::Connections<UpstreamBody>;
+/// An HTTP/1.1 connection lent to one exchange.
+type Lease = connections::Lease<UpstreamBody>;
 
 /// A client connection's address, with its IP as `X-Forwarded-For` writes
 /// it: formatted once per connection, not once per request.
@@ -115,14 +119,15 @@ impl Peer {
 #[derive(Debug)]
 pub struct Proxy {
     balancer: Arc<Balancer>,
+    /// Every backend's connections, forgotten when the backend leaves.
+    connections: Arc<Table<UpstreamBody>>,
     /// Swapped whole when the config changes; read once per request.
     upstream: ArcSwap<Upstream>,
     /// One `proxied` line per request (`accessLog`).
     access_log: AtomicBool,
 }
 
-/// How requests are sent: the limits from the config. The connections
-/// themselves are kept per backend ([`Connections`]).
+/// How requests are sent: the limits from the config.
 #[derive(Debug)]
 struct Upstream {
     /// HTTP/2 to the backends (`backendProtocol: "h2c"`).
@@ -132,25 +137,6 @@ struct Upstream {
     request_timeout: Duration,
     body_idle_timeout: Duration,
     retries: u32,
-}
-
-/// How one attempt ended badly, and whose fault it was. Each carries the
-/// cause, as text.
-enum Failure {
-    /// No backend to try: discovery has found none. (When all are ejected
-    /// the balancer fails open instead.)
-    NoBackend,
-    /// No connection could be made: nothing was sent. The backend's fault.
-    Unreachable(String),
-    /// We ran out of file descriptors or local ports: our own fault, never
-    /// held against a backend.
-    Local(String),
-    /// The client's request body was malformed or stalled: the client's fault.
-    Client(BodyError),
-    /// The request was (maybe partly) sent, but no proper answer came back.
-    Failed(String),
-    /// No response headers within the request timeout.
-    TimedOut,
 }
 
 impl Upstream {
@@ -173,10 +159,51 @@ impl Upstream {
     }
 }
 
+/// A client's request, checked and rewritten for the backends, with what
+/// the attempts need to know about it.
+struct Prepared {
+    parts: Parts,
+    path: PathAndQuery,
+    request_id: HeaderValue,
+    /// The streamed upload, until an attempt takes it.
+    body: Option<Timed<Incoming>>,
+    /// How the upload is going; `None` for a request without a body.
+    upload: Option<Arc<Upload>>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// An HTTP/2 stream's place among its connection's streams, kept
+    /// until the exchange with the backend has ended.
+    slot: Option<Slot>,
+    facts: Facts,
+    /// The backends tried and failed, in order.
+    tried: Vec<SocketAddr>,
+}
+
+/// How a request's attempts ended.
+enum Ended {
+    Answered(Answer),
+    /// `backend` is the one tried last, if any was.
+    Failed {
+        backend: Option<Arc<Backend>>,
+        failure: Failure,
+    },
+}
+
+/// A backend's response head, and what its body will hold on to.
+struct Answer {
+    backend: Arc<Backend>,
+    connections: Arc<Conns>,
+    response: Response<Incoming>,
+    in_flight: InFlight,
+    lease: Option<Lease>,
+}
+
+// === impl Proxy ===
+
 impl Proxy {
     pub fn new(balancer: Arc<Balancer>, settings: &Settings) -> Proxy {
         Proxy {
             balancer,
+            connections: Arc::default(),
             upstream: ArcSwap::from_pointee(Upstream::new(settings)),
             access_log: AtomicBool::new(settings.access_log),
         }
@@ -190,29 +217,237 @@ impl Proxy {
     }
 
     /// Answers one client request, from a backend or with a JSON error.
-    pub async fn handle(&self, mut request: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+    pub async fn handle(&self, request: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
         let start = Instant::now();
         let upstream = self.upstream.load_full();
-        if request.method() == Method::CONNECT {
-            return error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "CONNECT is not supported: this load balancer only forwards requests to its backends",
+        let mut request = match Prepared::new(request, peer, &upstream) {
+            Ok(prepared) => prepared,
+            Err((status, refused)) => return error(status, refused),
+        };
+        let ended = self.attempts(&mut request, &upstream).await;
+        self.finish(ended, request, &upstream, start)
+    }
+
+    /// Picks backends and tries them, until one answers or no retry is left.
+    async fn attempts(&self, request: &mut Prepared, upstream: &Arc<Upstream>) -> Ended {
+        let mut last_failure = None;
+        loop {
+            let picked = if request.tried.is_empty() {
+                self.balancer.pick_first().await
+            } else {
+                self.balancer.pick(&request.tried)
+            };
+            let Some(backend) = picked else {
+                let (backend, failure) = match last_failure {
+                    Some((backend, failure)) => (Some(backend), failure),
+                    None => (None, Failure::NoBackend),
+                };
+                return Ended::Failed { backend, failure };
+            };
+            let attempts_left = (request.tried.len() as u32) < upstream.retries;
+            let failure = match self
+                .attempt(request, &backend, upstream, attempts_left)
+                .await
+            {
+                Ok(answered) => return answered,
+                Err(failure) => failure,
+            };
+            let again = failure::retry(&failure, request.facts, attempts_left);
+            self.count_failure(&failure, &backend, again);
+            if !again {
+                let backend = Some(backend);
+                return Ended::Failed { backend, failure };
+            }
+            request.tried.push(backend.addr);
+            last_failure = Some((backend, failure));
+        }
+    }
+
+    /// One attempt on `backend`. The headers are copied only when a retry
+    /// may need them again.
+    async fn attempt(
+        &self,
+        request: &mut Prepared,
+        backend: &Arc<Backend>,
+        upstream: &Arc<Upstream>,
+        attempts_left: bool,
+    ) -> Result<Ended, Failure> {
+        let headers = if request.facts.replayable && attempts_left {
+            request.parts.headers.clone()
+        } else {
+            std::mem::take(&mut request.parts.headers)
+        };
+        let body = match request.body.take() {
+            Some(incoming) => Either::Left(incoming),
+            None => Either::Right(Empty::new()),
+        };
+        let connections = self.connections_of(backend);
+        let outgoing = send::build_request(
+            &request.parts.method,
+            &connections,
+            request.path.clone(),
+            headers,
+            body,
+            upstream.h2c,
+        );
+        let in_flight = InFlight::start(backend.clone());
+        let upgrade = request.client_upgrade.is_some();
+        let exchange = send::send(
+            upstream.clone(),
+            connections.clone(),
+            backend.addr,
+            outgoing,
+            upgrade,
+        );
+        let (response, lease) = match &request.slot {
+            Some(slot) => Detachable::new(exchange, slot.clone()).await,
+            None => exchange.await,
+        }?;
+        Ok(Ended::Answered(Answer {
+            backend: backend.clone(),
+            connections,
+            response,
+            in_flight,
+            lease,
+        }))
+    }
+
+    /// `backend`'s connections; new ones are forgotten when it leaves.
+    fn connections_of(&self, backend: &Arc<Backend>) -> Arc<Conns> {
+        let (connections, added) = self.connections.get(backend.addr);
+        if added {
+            let (table, backend, kept) = (
+                self.connections.clone(),
+                backend.clone(),
+                connections.clone(),
             );
+            tokio::spawn(async move {
+                backend.departed().await;
+                table.forget(backend.addr, &kept);
+            });
         }
-        if let Some(problem) = authority_problem(&request) {
-            return error(StatusCode::BAD_REQUEST, problem);
+        connections
+    }
+
+    /// A failed attempt goes into the backend's health record and numbers.
+    fn count_failure(&self, failure: &Failure, backend: &Backend, retried: bool) {
+        match failure {
+            Failure::Unreachable(cause) => {
+                tracing::warn!(backend = %backend.addr, error = cause, "backend unreachable")
+            }
+            Failure::Failed(cause) if retried => {
+                tracing::warn!(backend = %backend.addr, error = cause, "backend failed before answering; resending the idempotent request")
+            }
+            _ => {}
         }
-        // An HTTP/2 stream's place among its connection's streams, kept
-        // until the exchange with the backend has ended.
-        let mut slot = request.extensions_mut().remove::<Slot>();
+        self.balancer.record(backend, failure.outcome());
+        if failure.blames_backend() {
+            backend.stats.failed(&failure.to_string());
+        }
+        if retried {
+            backend.stats.retried();
+        }
+    }
+
+    /// A backend's answer, relayed: its `x-served-by`, the backend to count
+    /// it against, and the response.
+    fn relay(
+        &self,
+        answer: Answer,
+        request: &mut Prepared,
+        upstream: &Upstream,
+    ) -> (
+        Option<HeaderValue>,
+        Option<Arc<Backend>>,
+        Response<ProxyBody>,
+    ) {
+        let Answer {
+            backend,
+            connections,
+            response,
+            in_flight,
+            lease,
+        } = answer;
+        let outcome = match response.status().is_server_error() {
+            true => Outcome::ServerError,
+            false => Outcome::Success,
+        };
+        self.balancer.record(&backend, outcome);
+        let held = Held {
+            in_flight,
+            lease,
+            slot: request.slot.take(),
+        };
+        let response = send::relay(
+            response,
+            request.parts.version,
+            backend.addr,
+            upstream.body_idle_timeout,
+            request.client_upgrade.take(),
+            request.upload.take(),
+            held,
+        );
+        (Some(connections.host.clone()), Some(backend), response)
+    }
+
+    /// The client's answer: the backend's response relayed, or our error;
+    /// counted against the backend at fault (if one was), and logged.
+    fn finish(
+        &self,
+        ended: Ended,
+        mut request: Prepared,
+        upstream: &Upstream,
+        start: Instant,
+    ) -> Response<ProxyBody> {
+        // `counted`: the backend the answer is counted against, the one
+        // that answered or failed to; not one blameless for the failure.
+        let (served_by, counted, mut response) = match ended {
+            Ended::Answered(answer) => self.relay(answer, &mut request, upstream),
+            Ended::Failed { backend, failure } => {
+                let blamed = failure.blames_backend().then(|| backend.clone()).flatten();
+                let addr = backend.as_deref().map_or("none", Backend::label_str);
+                let (status, message) = failure.answer(addr, upstream.request_timeout);
+                let served_by = backend.map(|b| HeaderValue::from_str(b.label_str()));
+                (
+                    served_by.and_then(Result::ok),
+                    blamed,
+                    error(status, &message),
+                )
+            }
+        };
+        let status = response.status().as_u16();
+        match &counted {
+            Some(backend) => backend.stats.answered(status, start.elapsed()),
+            None => self.balancer.totals.unrouted(status),
+        }
+        let headers = response.headers_mut();
+        if let Some(served_by) = &served_by {
+            headers.insert(SERVED_BY, served_by.clone());
+        }
+        headers.insert(X_REQUEST_ID, request.request_id.clone());
+        if self.access_log.load(Relaxed) && tracing::enabled!(tracing::Level::INFO) {
+            log(&request, served_by.as_ref(), response.status(), start);
+        }
+        response
+    }
+}
+
+// === impl Prepared ===
+
+impl Prepared {
+    /// Checks the request (why it is refused, if it is) and rewrites its
+    /// headers for the backends.
+    fn new(
+        mut request: Request<Incoming>,
+        peer: &Peer,
+        upstream: &Upstream,
+    ) -> Result<Prepared, (StatusCode, &'static str)> {
         let upgrade = upgrade_protocol(request.headers());
-        if upgrade.is_some() && upstream.h2c {
-            return error(
-                StatusCode::NOT_IMPLEMENTED,
-                "upgrades (WebSocket) need HTTP/1.1 backends; these are reached over h2c",
-            );
+        if let Some(refused) = refusal(&request, upgrade.is_some(), upstream.h2c) {
+            return Err(refused);
         }
-        let mut client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
+        let slot = request.extensions_mut().remove::<Slot>();
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         // HTTP/2 names the host in `:authority`; HTTP/1.1 backends need `Host`.
         if !parts.headers.contains_key(header::HOST)
@@ -224,447 +459,58 @@ impl Proxy {
         // Read before the hop-by-hop headers go; only h2c backends need it.
         let wants_trailers = upstream.h2c && headers::accepts_trailers(&parts.headers);
         let request_id = request_id(&parts.headers);
-        let path = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let path = parts.uri.path_and_query().cloned();
         prepare_request_headers(&mut parts.headers, &peer.ip, upgrade.as_ref());
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
         // gRPC servers want `te: trailers`, the one TE an HTTP/2 hop keeps.
         if wants_trailers {
-            parts
-                .headers
-                .insert(header::TE, HeaderValue::from_static("trailers"));
+            let trailers = HeaderValue::from_static("trailers");
+            parts.headers.insert(header::TE, trailers);
         }
-
         // A request with no body can be sent again as it was.
-        let replayable = body.is_end_stream();
-        let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-        let upload = (!replayable).then(Arc::<Upload>::default);
-        let mut body = upload.clone().map(|upload| {
+        let facts = Facts {
+            replayable: body.is_end_stream(),
+            idempotent: matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS),
+        };
+        let upload = (!facts.replayable).then(Arc::<Upload>::default);
+        let body = upload.clone().map(|upload| {
             Timed::from_client(body, upstream.body_idle_timeout, peer.addr, upload)
                 .read_over_http2(upstream.h2c)
         });
-        let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut last_failure = None;
-
-        let outcome = loop {
-            let picked = if tried.is_empty() {
-                self.balancer.pick_first().await
-            } else {
-                self.balancer.pick(&tried)
-            };
-            let Some(backend) = picked else {
-                break Err(match last_failure.take() {
-                    Some((backend, failure)) => (Some(backend), failure),
-                    None => (None, Failure::NoBackend),
-                });
-            };
-            let may_retry = replayable && (tried.len() as u32) < upstream.retries;
-            let headers = if may_retry {
-                parts.headers.clone()
-            } else {
-                std::mem::take(&mut parts.headers)
-            };
-            let upstream_body = match body.take() {
-                Some(incoming) => Either::Left(incoming),
-                None => Either::Right(Empty::new()),
-            };
-            let outgoing = build_request(
-                &parts.method,
-                &backend,
-                path.clone(),
-                headers,
-                upstream_body,
-                upstream.h2c,
-            );
-
-            let in_flight = InFlight::start(backend.clone());
-            let exchange = send(
-                upstream.clone(),
-                backend.clone(),
-                outgoing,
-                client_upgrade.is_some(),
-            );
-            let sent = match &slot {
-                Some(slot) => Detachable::new(exchange, slot.clone()).await,
-                None => exchange.await,
-            };
-            match sent {
-                Ok((response, lease)) => break Ok((backend, response, in_flight, lease)),
-                Err(failure) if self.retry_after(&failure, &backend, may_retry, idempotent) => {
-                    tried.push(backend.addr);
-                    last_failure = Some((backend, failure));
-                }
-                Err(failure) => break Err((Some(backend), failure)),
-            }
-        };
-
-        // `counted` is the backend the answer is counted against: the one
-        // that answered, or failed to; not one blameless for the failure.
-        let (backend, counted, mut response) = match outcome {
-            Ok((backend, response, in_flight, lease)) => {
-                let outcome = if response.status().is_server_error() {
-                    Outcome::ServerError
-                } else {
-                    Outcome::Success
-                };
-                self.balancer.record(&backend, outcome);
-                let response = relay(
-                    response,
-                    parts.version,
-                    &backend,
-                    upstream.body_idle_timeout,
-                    client_upgrade.take(),
-                    upload,
-                    Held {
-                        in_flight,
-                        lease,
-                        slot: slot.take(),
-                    },
-                );
-                (Some(backend.clone()), Some(backend), response)
-            }
-            Err((backend, failure)) => {
-                let blamed = failure.blames_backend().then(|| backend.clone()).flatten();
-                let response = failure_response(failure, backend.as_deref(), &upstream);
-                (backend, blamed, response)
-            }
-        };
-        let status = response.status();
-        match &counted {
-            Some(backend) => backend.stats.answered(status.as_u16(), start.elapsed()),
-            None => self.balancer.totals.unrouted(status.as_u16()),
-        }
-        let headers = response.headers_mut();
-        if let Some(backend) = &backend {
-            headers.insert(SERVED_BY, backend.label.clone());
-        }
-        headers.insert(X_REQUEST_ID, request_id.clone());
-        if self.access_log.load(Relaxed) && tracing::enabled!(tracing::Level::INFO) {
-            log(
-                &parts,
-                backend.as_deref(),
-                status,
-                start,
-                tried.len(),
-                &request_id,
-            );
-        }
-        response
-    }
-
-    /// Whether to try another backend after `failure` on `backend`; the
-    /// failure also goes into the backend's health record here.
-    fn retry_after(
-        &self,
-        failure: &Failure,
-        backend: &Backend,
-        may_retry: bool,
-        idempotent: bool,
-    ) -> bool {
-        let retry = match failure {
-            Failure::Unreachable(cause) => {
-                tracing::warn!(backend = %backend.addr, error = cause, "backend unreachable");
-                may_retry
-            }
-            Failure::Failed(cause) if idempotent && may_retry => {
-                tracing::warn!(backend = %backend.addr, error = cause, "backend failed before answering; resending the idempotent request");
-                true
-            }
-            _ => false,
-        };
-        let outcome = match failure {
-            Failure::Unreachable(_) => Outcome::ConnectFailure,
-            Failure::Failed(_) | Failure::TimedOut => Outcome::ServerError,
-            _ => Outcome::Neutral,
-        };
-        self.balancer.record(backend, outcome);
-        if failure.blames_backend() {
-            backend.stats.failed(&failure.to_string());
-        }
-        if retry {
-            backend.stats.retried();
-        }
-        retry
+        Ok(Prepared {
+            parts,
+            path: path.unwrap_or_else(|| PathAndQuery::from_static("/")),
+            request_id,
+            body,
+            upload,
+            client_upgrade,
+            slot,
+            facts,
+            tried: Vec::new(),
+        })
     }
 }
 
-/// Sends one attempt and waits for the response head. An HTTP/1.1
-/// connection comes back with the response, lent until its body is read.
-/// It owns what it uses, so that it can outlive the client ([`Detachable`]).
-async fn send(
-    upstream: Arc<Upstream>,
-    backend: Arc<Backend>,
-    request: Request<UpstreamBody>,
-    asked_to_upgrade: bool,
-) -> Result<(Response<Incoming>, Option<Lease>), Failure> {
-    let exchange = async {
-        if upstream.h2c {
-            send_http2(&upstream, &backend, request)
-                .await
-                .map(|r| (r, None))
-        } else {
-            send_http1(&upstream, &backend, request).await
-        }
-    };
-    let (response, lease) = match tokio::time::timeout(upstream.request_timeout, exchange).await {
-        Ok(result) => result?,
-        Err(_elapsed) => return Err(Failure::TimedOut),
-    };
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS && !asked_to_upgrade {
-        return Err(Failure::Failed(
-            "it answered 101 Switching Protocols to a request that did not ask to upgrade".into(),
+/// Why a request is refused before any backend is asked, if it is.
+fn refusal<B>(
+    request: &Request<B>,
+    upgrade: bool,
+    h2c: bool,
+) -> Option<(StatusCode, &'static str)> {
+    if request.method() == Method::CONNECT {
+        return Some((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not supported: this load balancer only forwards requests to its backends",
         ));
     }
-    Ok((response, lease))
-}
-
-async fn send_http1(
-    upstream: &Upstream,
-    backend: &Arc<Backend>,
-    mut request: Request<UpstreamBody>,
-) -> Result<(Response<Incoming>, Option<Lease>), Failure> {
-    loop {
-        // An idle connection if the backend has one, else a new one.
-        let (mut sender, reused) = match backend.connections.take_idle(upstream.pool_idle_timeout) {
-            Some(sender) => (sender, true),
-            None => {
-                let sender = Connections::connect_http1(backend.addr, upstream.timeouts())
-                    .await
-                    .map_err(|e| connect_failure(&e))?;
-                (sender, false)
-            }
-        };
-        if let Err(error) = sender.ready().await {
-            if reused {
-                // An idle connection the backend has just closed: take another.
-                continue;
-            }
-            return Err(Failure::Unreachable(source_chain(&error)));
-        }
-        match sender.try_send_request(request).await {
-            Ok(response) => {
-                let lease = Lease::new(sender, backend.clone(), upstream.pool_idle_timeout);
-                return Ok((response, Some(lease)));
-            }
-            Err(mut error) => match error.take_message() {
-                // Not sent: an idle connection closed under us. Nothing
-                // reached the backend, so try a fresh connection.
-                Some(unsent) if reused => request = unsent,
-                _ => return Err(send_failure(error.error())),
-            },
-        }
+    if let Some(problem) = authority_problem(request) {
+        return Some((StatusCode::BAD_REQUEST, problem));
     }
-}
-
-async fn send_http2(
-    upstream: &Upstream,
-    backend: &Backend,
-    mut request: Request<UpstreamBody>,
-) -> Result<Response<Incoming>, Failure> {
-    // A connection that gives a request back unsent (it is going away) is
-    // made anew, once.
-    let mut made_anew = false;
-    loop {
-        let mut sender = backend
-            .connections
-            .http2(backend.addr, upstream.timeouts())
-            .await
-            .map_err(|e| connect_failure(&e))?;
-        match sender.try_send_request(request).await {
-            Ok(response) => return Ok(response),
-            Err(mut error) => match error.take_message() {
-                Some(unsent) if !made_anew => {
-                    backend.connections.drop_http2();
-                    request = unsent;
-                    made_anew = true;
-                }
-                _ => return Err(send_failure(error.error())),
-            },
-        }
-    }
-}
-
-/// The backend's response, made ready for the client: hop-by-hop headers
-/// dropped, the body timed, an upgrade tunnelled.
-fn relay(
-    mut response: Response<Incoming>,
-    version: Version,
-    backend: &Backend,
-    idle: Duration,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    upload: Option<Arc<Upload>>,
-    mut held: Held,
-) -> Response<ProxyBody> {
-    if let Some(client_side) = client_upgrade
-        && response.status() == StatusCode::SWITCHING_PROTOCOLS
-    {
-        let backend_side = hyper::upgrade::on(&mut response);
-        tokio::spawn(tunnel(client_side, backend_side, backend.addr));
-        // The connection is the tunnel's now, never to be pooled again.
-        held.lease = None;
-        let protocol = upgrade_protocol(response.headers());
-        remove_hop_by_hop(response.headers_mut());
-        restore_upgrade(response.headers_mut(), protocol.as_ref());
-    } else {
-        remove_hop_by_hop(response.headers_mut());
-    }
-    // In the client's version, whatever the backend spoke.
-    *response.version_mut() = version;
-    // A body with nothing to read (HEAD, 204, 304) ends here.
-    if response.body().is_end_stream()
-        && let Some(lease) = held.lease.take()
-    {
-        lease.give_back();
-    }
-    let http2_client = version == Version::HTTP_2;
-    response.map(|body| {
-        let body = Timed::from_backend(body, idle, backend.addr, upload, Some(held));
-        Either::Left(body.read_over_http2(http2_client))
-    })
-}
-
-fn failure_response(
-    failure: Failure,
-    backend: Option<&Backend>,
-    upstream: &Upstream,
-) -> Response<ProxyBody> {
-    let addr = backend.map_or_else(|| "none".to_owned(), |b| b.addr.to_string());
-    match failure {
-        Failure::NoBackend => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no backend is available: discovery has found none",
-        ),
-        // Nothing reached any backend: like "no backend available".
-        Failure::Unreachable(cause) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("no backend could be reached; the last, {addr}, failed: {cause}"),
-        ),
-        Failure::Local(cause) => {
-            static THROTTLE: Throttle = Throttle::new(Duration::from_secs(1));
-            if let Some(held_back) = THROTTLE.allow() {
-                tracing::error!(
-                    error = cause,
-                    held_back,
-                    "the load balancer is out of file descriptors or local ports (not the backend's fault); raise the open file limit (ulimit -n) or lower the load"
-                );
-            }
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!(
-                    "the load balancer is short of its own resources ({cause}); the backend was not at fault, try again"
-                ),
-            )
-        }
-        // Logged where it happened, in `body`.
-        Failure::Client(BodyError::Stalled(idle)) => error(
-            StatusCode::REQUEST_TIMEOUT,
-            &format!(
-                "the request body stalled: no data for {} ms (bodyIdleTimeoutMs)",
-                idle.as_millis()
-            ),
-        ),
-        Failure::Client(BodyError::NotTaken(idle)) => error(
-            StatusCode::GATEWAY_TIMEOUT,
-            &format!(
-                "backend {addr} took nothing of the request body for {} ms (bodyIdleTimeoutMs)",
-                idle.as_millis()
-            ),
-        ),
-        Failure::Client(BodyError::Broken(cause)) => error(
-            StatusCode::BAD_REQUEST,
-            &format!("the request body could not be read: {cause}"),
-        ),
-        Failure::Failed(cause) => error(
-            StatusCode::BAD_GATEWAY,
-            &format!("backend {addr} failed: {cause}"),
-        ),
-        Failure::TimedOut => error(
-            StatusCode::GATEWAY_TIMEOUT,
-            &format!(
-                "backend {addr} did not answer within {} ms",
-                upstream.request_timeout.as_millis()
-            ),
-        ),
-    }
-}
-
-impl Failure {
-    /// Whether the backend tried is the one at fault.
-    fn blames_backend(&self) -> bool {
-        matches!(
-            self,
-            Failure::Unreachable(_) | Failure::Failed(_) | Failure::TimedOut
-        )
-    }
-}
-
-impl std::fmt::Display for Failure {
-    /// The cause, for `/backends`' `lastError`.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::NoBackend => write!(f, "no backend available"),
-            Failure::Unreachable(cause) => write!(f, "unreachable: {cause}"),
-            Failure::Local(cause) => write!(f, "out of local resources: {cause}"),
-            Failure::Client(error) => write!(f, "client: {error}"),
-            Failure::Failed(cause) => write!(f, "failed: {cause}"),
-            Failure::TimedOut => write!(f, "no answer within the request timeout"),
-        }
-    }
-}
-
-/// Out of file descriptors, of kernel buffers or memory, or of local ports
-/// to connect from: all local, whichever backend we asked.
-fn is_local(error: &(dyn std::error::Error + 'static)) -> bool {
-    find_cause::<std::io::Error>(error).is_some_and(is_local_io)
-}
-
-/// [`is_local`] for an I/O error itself (TCP mode's connects).
-pub fn is_local_io(error: &std::io::Error) -> bool {
-    const LOCAL: [Errno; 5] = [
-        Errno::EMFILE,
-        Errno::ENFILE,
-        Errno::ENOBUFS,
-        Errno::ENOMEM,
-        Errno::EADDRNOTAVAIL,
-    ];
-    error
-        .raw_os_error()
-        .is_some_and(|code| LOCAL.contains(&Errno::from_raw(code)))
-}
-
-/// No connection to the backend: nothing was sent.
-fn connect_failure(error: &ConnectError) -> Failure {
-    if is_local(error) {
-        Failure::Local(source_chain(error))
-    } else {
-        Failure::Unreachable(source_chain(error))
-    }
-}
-
-/// Whose fault a failed exchange was, from hyper's error and its causes.
-fn send_failure(error: &hyper::Error) -> Failure {
-    if let Some(body) = find_cause::<BodyError>(error) {
-        Failure::Client(body.clone())
-    } else if is_local(error) {
-        Failure::Local(source_chain(error))
-    } else {
-        Failure::Failed(source_chain(error))
-    }
-}
-
-/// The first error of type `E` in `error`'s chain of causes.
-fn find_cause<'a, E: std::error::Error + 'static>(
-    error: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a E> {
-    let mut next = Some(error);
-    while let Some(current) = next {
-        if let Some(found) = current.downcast_ref::<E>() {
-            return Some(found);
-        }
-        next = current.source();
+    if upgrade && h2c {
+        return Some((
+            StatusCode::NOT_IMPLEMENTED,
+            "upgrades (WebSocket) need HTTP/1.1 backends; these are reached over h2c",
+        ));
     }
     None
 }
@@ -694,52 +540,6 @@ fn authority_problem<B>(request: &Request<B>) -> Option<&'static str> {
     None
 }
 
-fn build_request(
-    method: &Method,
-    backend: &Backend,
-    path: PathAndQuery,
-    headers: HeaderMap,
-    body: UpstreamBody,
-    h2c: bool,
-) -> Request<UpstreamBody> {
-    let mut request = Request::new(body);
-    *request.method_mut() = method.clone();
-    if h2c {
-        // HTTP/2 sends scheme and authority as pseudo-headers.
-        let mut uri = hyper::http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(backend.authority.clone());
-        uri.path_and_query = Some(path);
-        // Scheme, authority and path are all set, so this cannot fail.
-        *request.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
-        *request.version_mut() = Version::HTTP_2;
-    } else {
-        // HTTP/1.1 sends the path alone (origin form) and names the host in
-        // `Host`; an HTTP/1.0 client may have sent none.
-        *request.uri_mut() = Uri::from(path);
-        *request.version_mut() = Version::HTTP_11;
-    }
-    *request.headers_mut() = headers;
-    if !h2c && !request.headers().contains_key(header::HOST) {
-        request
-            .headers_mut()
-            .insert(header::HOST, backend.label.clone());
-    }
-    request
-}
-
-/// The error and its causes, `: `-separated; hyper's top-level messages
-/// alone ("client error (Connect)") do not say what happened.
-fn source_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let _ = write!(text, ": {cause}");
-        source = cause.source();
-    }
-    text
-}
-
 /// A JSON error answer: `{"error": "...", "status": 503}`.
 pub fn error(status: StatusCode, message: &str) -> Response<ProxyBody> {
     let body = serde_json::json!({ "error": message, "status": status.as_u16() }).to_string();
@@ -753,45 +553,19 @@ pub fn error(status: StatusCode, message: &str) -> Response<ProxyBody> {
 }
 
 /// The access log: one `proxied` line per request.
-fn log(
-    request: &hyper::http::request::Parts,
-    backend: Option<&Backend>,
-    status: StatusCode,
-    start: Instant,
-    retries: usize,
-    request_id: &HeaderValue,
-) {
+fn log(request: &Prepared, backend: Option<&HeaderValue>, status: StatusCode, start: Instant) {
+    let backend = backend.and_then(|b| b.to_str().ok()).unwrap_or("none");
     // As `tracing::info!(method = %.., path = .., ...)` would write it,
     // for a third of the cost (see `common::telemetry::line`).
     common::telemetry::line::info(module_path!(), "proxied", |line| {
-        line.display("method", request.method.as_str())
-            .str("path", request.uri.path())
-            .str("backend", backend.map_or("none", Backend::label_str))
+        line.display("method", request.parts.method.as_str())
+            .str("path", request.parts.uri.path())
+            .str("backend", backend)
             .u64("status", status.as_u16().into())
             .u64("latency_us", start.elapsed().as_micros() as u64)
-            .u64("retries", retries as u64)
-            .str("request_id", request_id.to_str().unwrap_or(""));
+            .u64("retries", request.tried.len() as u64)
+            .str("request_id", request.request_id.to_str().unwrap_or(""));
     });
-}
-
-/// Copies bytes both ways between an upgraded client and backend connection.
-async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    backend: hyper::upgrade::OnUpgrade,
-    addr: SocketAddr,
-) {
-    match tokio::try_join!(client, backend) {
-        Ok((client, backend)) => {
-            let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
-            match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
-                Ok((up, down)) => {
-                    tracing::debug!(backend = %addr, up, down, "upgraded connection closed")
-                }
-                Err(e) => tracing::debug!(backend = %addr, error = %e, "upgraded connection ended"),
-            }
-        }
-        Err(e) => tracing::warn!(backend = %addr, error = %e, "upgrade failed"),
-    }
 }
 
 #[cfg(test)]

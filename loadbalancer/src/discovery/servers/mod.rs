@@ -24,8 +24,7 @@ use kube::{Api, Client};
 
 use super::kubernetes::{self, Watched};
 use super::{DiscoveryError, Status};
-use crate::admin::Readiness;
-use crate::balancer::{BackendSet, Balancer, Pod};
+use crate::balancer::{BackendSet, Balancer, Origin};
 use dns::Dns;
 pub use resource::{Server, ServerSpec, ServerStatus};
 use status::StatusWriter;
@@ -37,7 +36,6 @@ pub fn start(
     dns_server: Option<std::net::SocketAddr>,
     status_write_interval: Duration,
     balancer: Arc<Balancer>,
-    readiness: Arc<Readiness>,
     status: Arc<Status>,
 ) -> Result<(), DiscoveryError> {
     let dns = Dns::new(dns_server).map_err(DiscoveryError::Dns)?;
@@ -69,7 +67,6 @@ pub fn start(
             async move { resolver.backends(servers).await }
         },
         balancer,
-        readiness,
         status,
     ));
     Ok(())
@@ -134,11 +131,11 @@ async fn backends(dns: &Dns, servers: &[Arc<Server>], check_path: &str) -> (Back
                     }
                     weight.clamp(1, 100)
                 });
-                let about = Pod {
+                let about = Origin {
                     name: Some(name),
                     weight,
                     health_url: Some(health_url),
-                    ..Pod::default()
+                    ..Origin::default()
                 };
                 set.insert(addr, about);
             }

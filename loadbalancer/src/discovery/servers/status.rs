@@ -114,7 +114,11 @@ impl StatusWriter {
 
     /// Notes a verdict: pending if it differs from the status.
     fn take(&self, verdict: Verdict) {
-        let Some(name) = verdict.backend.upgrade().and_then(|b| b.pod.name.clone()) else {
+        let Some(name) = verdict
+            .backend
+            .upgrade()
+            .and_then(|b| b.origin.name.clone())
+        else {
             return;
         };
         let Ok(mut entries) = self.servers.lock() else {

@@ -10,6 +10,8 @@
 //! `#[tokio::test(flavor = "multi_thread")]`.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod layers;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
