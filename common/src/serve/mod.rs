@@ -368,7 +368,7 @@ where
     let mut connection = pin!(connection);
     tokio::select! {
         result = connection.as_mut() => result,
-        () = closing.closing() => {
+        _ = closing.closing() => {
             connection.as_mut().shut_down();
             connection.await
         }

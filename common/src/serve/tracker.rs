@@ -51,10 +51,11 @@ impl Tracker {
 }
 
 impl Ticket {
-    /// Completes once shutdown has asked the connections to close.
-    pub async fn closing(&mut self) {
-        // An error means the tracker is gone: closing too.
-        let _ = self.0.changed().await;
+    /// Completes once shutdown has asked the connections to close (with an
+    /// error when the tracker is gone: closing too). Polled on every wake of
+    /// a connection, so it is the channel's own future, not a wrapper.
+    pub fn closing(&mut self) -> impl Future<Output = Result<(), watch::error::RecvError>> + '_ {
+        self.0.changed()
     }
 }
 
@@ -68,7 +69,7 @@ mod tests {
         let mut ticket = tracker.ticket();
         assert_eq!(tracker.open(), 1);
         let holder = tokio::spawn(async move {
-            ticket.closing().await;
+            let _ = ticket.closing().await;
         });
         assert!(tracker.close_and_wait(Some(Duration::from_secs(10))).await);
         assert!(holder.is_finished() || holder.await.is_ok());

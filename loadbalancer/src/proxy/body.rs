@@ -215,6 +215,7 @@ impl<B: Body + Unpin + Send + 'static> Timed<B> {
     /// Marks the body as read by an HTTP/2 peer (see "It is not taken"):
     /// watched from the start, since a peer whose window is shut from the
     /// start never asks for the first chunk either.
+    #[inline]
     pub fn read_over_http2(mut self, http2: bool) -> Timed<B> {
         if http2 && matches!(&self.inner, Inner::Own(body, _) if !body.is_end_stream()) {
             self.start_watching();

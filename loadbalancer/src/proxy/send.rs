@@ -154,6 +154,7 @@ pub fn build_request(
 
 /// The backend's response, made ready for the client: hop-by-hop headers
 /// dropped, the body timed, an upgrade tunnelled.
+#[inline(always)] // a Response is large: moved, not copied
 pub fn relay(
     mut response: Response<Incoming>,
     version: Version,
