@@ -2,7 +2,7 @@
 # Takes docs/dashboard.png: three backends and the load balancer on loopback,
 # traffic through it, one backend removed from the config while it runs,
 # and the admin page photographed by headless Chromium (the same invocation
-# as loadbalancer/tests/dashboard.rs). Everything started is stopped.
+# as loadbalancer/tests/integration/dashboard.rs). Everything started is stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v chromium >/dev/null || { echo "needs chromium (apt-get install chromium)" >&2; exit 1; }

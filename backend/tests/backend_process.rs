@@ -1,7 +1,10 @@
 //! The real `backend` binary, started as Kubernetes would start it: a config
 //! file, Downward API variables, and SIGTERM to stop it.
 
-#![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test crate: a failed unwrap is a failed test"
+)]
 
 use std::io::Write;
 use std::process::Command;

@@ -199,7 +199,7 @@ mod tests {
 
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
-    #[allow(dead_code)]
+    #[expect(dead_code, reason = "only parsed, to check the errors")]
     struct Sample {
         port: u16,
         #[serde(default)]

@@ -28,9 +28,10 @@
 //! go down entirely and come back on the same port, refuse status patches.
 //! Objects go in as typed values (k8s-openapi types, the load balancer's
 //! `Server`) and are kept as the JSON the real server would send.
-// v1 Endpoints is one of the sources under test; and, as a test fixture, a
-// broken invariant here should fail loudly, at once.
-#![allow(deprecated, clippy::unwrap_used)]
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test fixture: a broken invariant here should fail loudly, at once"
+)]
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -1,6 +1,9 @@
 //! The stand-in speaks the API the way `make demo` and a learner's `curl`
 //! use it: PUT and DELETE an EndpointSlice, watch without a version.
-#![allow(clippy::unwrap_used)]
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test crate: a failed unwrap is a failed test"
+)]
 
 use std::time::Duration;
 

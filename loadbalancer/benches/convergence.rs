@@ -7,9 +7,13 @@
 //! requests in a tight loop until one is answered by B. Run with
 //! `cargo bench -p loadbalancer --bench convergence` (part of `make bench`).
 
-#![allow(clippy::unwrap_used, dead_code)]
+#![expect(
+    clippy::unwrap_used,
+    dead_code,
+    reason = "a bench's helpers unwrap, and it uses a part of the tests' support"
+)]
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/integration/support/mod.rs"]
 mod support;
 
 use std::time::{Duration, Instant};

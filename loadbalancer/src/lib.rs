@@ -12,7 +12,7 @@
 //! # Layout
 //!
 //! In layer order: each module uses only those listed before it
-//! (`tests/layers.rs` holds that).
+//! (`tests/integration/layers.rs` holds that).
 //!
 //! - [`connections`]: open connections to a backend, by address, and
 //!   whether a failed connect was our own shortage; no knowledge of the

@@ -1,6 +1,6 @@
 //! The layering of a crate, checked from its `use crate::...` lines.
 //!
-//! Each crate's `tests/layers.rs` lists its modules from the bottom layer
+//! Each crate's layering test (`layers.rs` in its tests) lists its modules from the bottom layer
 //! up, with why each sits where it does; a module may use only modules of
 //! the layers below its own. A backward arrow fails the test with the
 //! reason written beside the layer it breaks.

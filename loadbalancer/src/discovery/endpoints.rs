@@ -9,7 +9,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-#[allow(deprecated)] // v1 Endpoints: deprecated, kept on purpose (see the module doc)
 use k8s_openapi::api::core::v1::Endpoints;
 
 use crate::balancer::{BackendSet, Origin};
@@ -17,7 +16,6 @@ use crate::config::BackendPort;
 
 /// The ready backend addresses in `endpoints`, with the pod and node each
 /// one is (v1 Endpoints know no zone).
-#[allow(deprecated)]
 pub fn backends<'a>(
     endpoints: impl IntoIterator<Item = &'a Endpoints>,
     wanted: &BackendPort,
@@ -50,7 +48,6 @@ pub fn backends<'a>(
 }
 
 #[cfg(test)]
-#[allow(deprecated)]
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{EndpointAddress, EndpointPort, EndpointSubset};

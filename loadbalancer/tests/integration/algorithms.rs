@@ -3,17 +3,13 @@
 //! requests pile up and sends it fewer. The switch is a config edit, made
 //! while traffic flows.
 
-#![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
-
-mod support;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::support::*;
 use common::testkit::{Http, PATIENCE, poll_async};
 use serde_json::{Value, json};
-use support::*;
 
 /// `total` GETs from 8 concurrent clients; how many each backend served.
 async fn spread(lb: &LoadBalancer, total: usize) -> BTreeMap<String, usize> {

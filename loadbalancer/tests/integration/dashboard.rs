@@ -1,20 +1,17 @@
 //! The admin page in a real browser: Debian's Chromium, headless, loads it
 //! while traffic flows, and what it renders is read back (`--dump-dom`).
 
-#![allow(clippy::unwrap_used, deprecated)] // a test crate
-
-mod support;
 
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::support::*;
 use common::testkit::{Http, PATIENCE, poll};
 use fake_apiserver::{FakeApiServer, meta};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use serde_json::json;
-use support::*;
 
 /// The page's DOM after its script has run for a while, as Chromium renders it.
 fn rendered(url: &str) -> String {

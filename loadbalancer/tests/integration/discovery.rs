@@ -3,13 +3,11 @@
 //! kubeconfig (`KUBECONFIG`), exactly as it reaches a real one, and real
 //! `backend` processes stand in for pods, each on its own loopback IP.
 
-#![allow(clippy::unwrap_used, deprecated)] // a test crate; v1 Endpoints is under test
-
-mod support;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::OpenOptionsExt;
 
+use crate::support::*;
 use common::testkit::{Http, PATIENCE, poll};
 use fake_apiserver::{FakeApiServer, meta};
 use k8s_openapi::api::core::v1::{
@@ -17,7 +15,6 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use serde_json::json;
-use support::*;
 
 const NAMESPACE: &str = "lb-test";
 

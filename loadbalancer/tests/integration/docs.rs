@@ -13,18 +13,14 @@
 //!
 //! `make demo` itself is run by CI (`.ci/run`).
 
-#![allow(clippy::unwrap_used)] // helpers of a test: a broken assumption should fail it
-
-mod support;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::LazyLock;
 
+use crate::support::{start_backend_named, start_backends, start_load_balancer};
 use common::testkit::{Http, PATIENCE, Process, binary, poll};
 use serde_json::json;
-use support::{start_backend_named, start_backends, start_load_balancer};
 
 /// The workspace root.
 static ROOT: LazyLock<PathBuf> = LazyLock::new(|| {

@@ -1,14 +1,11 @@
 //! How the load balancer behaves when things go wrong: dead and slow
 //! backends, bad clients, bad config, and shutdown in the middle of work.
 
-#![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
-
-mod support;
-
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::support::*;
 use bytes::Bytes;
 use common::testkit::{Http, PATIENCE, Process, binary, poll_async, streaming_body};
 use http_body_util::Full;
@@ -16,7 +13,6 @@ use hyper::Request;
 use nix::sys::signal::Signal;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

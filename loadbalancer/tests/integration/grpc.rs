@@ -3,19 +3,15 @@
 //! pin to one pod. The load balancer spreads its calls per request over h2c
 //! backends, and a server-streaming call streams through.
 
-#![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
-
-mod support;
-
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
+use crate::support::*;
 use hyper::body::Incoming;
 use hyper::http::uri::PathAndQuery;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
-use support::*;
 use tokio::net::TcpListener;
 use tonic::server::{Grpc, ServerStreamingService, UnaryService};
 use tonic::{Request, Response, Status};

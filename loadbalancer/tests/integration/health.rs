@@ -2,15 +2,11 @@
 //! again leaves the rotation, comes back through one probe request, and when
 //! every backend is out the load balancer fails open.
 
-#![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
-
-mod support;
-
+use crate::support::*;
 use common::testkit::{Http, PATIENCE, poll_async};
 use http_body_util::Full;
 use hyper::Request;
 use serde_json::{Value, json};
-use support::*;
 
 async fn post(url: String) {
     let request = Request::post(url).body(Full::default()).unwrap();

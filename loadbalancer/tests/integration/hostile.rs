@@ -2,15 +2,12 @@
 //! in a loop (rapid reset), readers that never take their answer, hosts
 //! that carry a password or disagree with `:authority`.
 
-#![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
-
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
 use common::serve::MAX_STREAMS;
 use common::testkit::{Http, PATIENCE, poll, poll_async};
@@ -18,7 +15,6 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
-use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 

@@ -2,14 +2,11 @@
 //! are balanced one by one, bodies and trailers both ways, h2c backends,
 //! and HTTP/1.1 clients on the same port.
 
-#![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
-
-mod support;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use crate::support::*;
 use bytes::Bytes;
 use common::testkit::Http;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -19,7 +16,6 @@ use hyper::{Request, Response, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use support::*;
 use tokio::net::{TcpListener, TcpStream};
 
 /// One HTTP/2 connection to `addr`, prior knowledge, as

@@ -2,16 +2,12 @@
 //! using them, speak the wrong protocol, or push the process to its file
 //! descriptor limit.
 
-#![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
-
-mod support;
-
 use std::net::SocketAddr;
 use std::process::Command;
 
+use crate::support::*;
 use common::testkit::{Http, PATIENCE, binary, poll_async};
 use serde_json::json;
-use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 

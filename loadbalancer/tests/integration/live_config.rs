@@ -2,18 +2,14 @@
 //! a ConfigMap volume and updated as the kubelet updates one: a new version
 //! directory and an atomic swap of the `..data` symlink.
 
-#![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
-
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::support::*;
 use common::testkit::{Http, PATIENCE, poll_async};
 use http_body_util::Full;
 use hyper::Request;
 use serde_json::{Value, json};
-use support::*;
 
 fn lb_config(backends: &[&Backend], extra: Value) -> Value {
     let mut config = json!({

@@ -2,8 +2,6 @@
 //! parse into its typed Kubernetes object without losing a field, and the
 //! pieces must agree with each other and with what the binaries really do.
 
-#![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -460,7 +458,6 @@ fn the_node_port_is_the_one_kind_publishes_on_localhost_8080() {
 }
 
 #[test]
-#[allow(deprecated)] // v1 Endpoints is one of the two watched APIs
 fn rbac_grants_exactly_list_and_watch_on_what_discovery_watches() {
     let m = manifests();
     let watched = |group, resource| grant(group, resource, &["list", "watch"]);

@@ -2,19 +2,15 @@
 //! real Prometheus and checked by `promtool`), request ids across both
 //! logs, and `/backends`.
 
-#![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
-
-mod support;
-
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
+use crate::support::*;
 use common::testkit::{Http, PATIENCE, Process, poll_async};
 use http_body_util::Full;
 use hyper::Request;
 use serde_json::{Value, json};
-use support::*;
 
 /// The value of the sample `name{labels}` in a Prometheus text exposition.
 fn sample(text: &str, name_and_labels: &str) -> Option<f64> {

@@ -1,12 +1,9 @@
 //! What the load balancer does to a request on the way to a backend and
 //! back, with real `backend` processes and the real `loadbalancer` binary.
 
-#![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
-
-mod support;
-
 use std::collections::BTreeMap;
 
+use crate::support::*;
 use bytes::Bytes;
 use common::testkit::{Http, streaming_body};
 use futures_util::{SinkExt, StreamExt};
@@ -14,7 +11,6 @@ use http_body_util::Full;
 use hyper::Request;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use support::*;
 use tokio_tungstenite::tungstenite::Message;
 
 fn count_by_pod(names: impl IntoIterator<Item = String>) -> BTreeMap<String, usize> {

@@ -3,17 +3,13 @@
 //! replicas still reach the backends in strict turn; killing Redis fails no
 //! request.
 
-#![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
-
-mod support;
-
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::support::*;
 use common::testkit::{Http, PATIENCE, Process, poll};
 use serde_json::json;
-use support::*;
 
 fn start_redis() -> (Process, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

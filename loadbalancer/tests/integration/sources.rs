@@ -3,14 +3,11 @@
 //! written back to status (and their ports found in DNS, from a real
 //! `dnsmasq` on loopback).
 
-#![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
-
-mod support;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::process::Command;
 
+use crate::support::*;
 use common::testkit::{Http, PATIENCE, Process, poll, poll_async};
 use fake_apiserver::{FakeApiServer, meta};
 use http_body_util::Full;
@@ -19,7 +16,6 @@ use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodCondition, Po
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use loadbalancer::discovery::servers::{Server, ServerSpec};
 use serde_json::{Value, json};
-use support::*;
 
 const NAMESPACE: &str = "lb-test";
 

@@ -1,17 +1,13 @@
 //! TCP mode: a backend per connection, bytes both ways, half-close,
 //! draining, and no leak, against real processes on loopback.
 
-#![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
-
-mod support;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::*;
 use common::testkit::{Http, PATIENCE, poll};
 use serde_json::json;
-use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 

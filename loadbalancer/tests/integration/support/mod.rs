@@ -1,6 +1,5 @@
 //! Starting real backends and a real load balancer on loopback, plus raw
 //! sockets for what an HTTP client library would hide or refuse to send.
-#![allow(dead_code, clippy::unwrap_used)] // each test crate uses a part of it
 
 use std::io::Write;
 use std::net::SocketAddr;
