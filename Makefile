@@ -17,7 +17,7 @@ REPLICAS ?= 5
 # $(call need,tool): stop with a clear message when a tool is missing.
 need = @command -v $(1) >/dev/null 2>&1 || { echo "make: '$(1)' is not installed; it is needed for this target (see README: Run it on kind)" >&2; exit 1; }
 
-.PHONY: help demo demo-h2 test build run-backend run-loadbalancer distribution bench \
+.PHONY: help demo demo-h2 test build run-backend run-loadbalancer distribution bench bench-figures \
         up cluster images load deploy curl port-forward dashboard scale slow-pod shared-counter \
         servers pods crd logs down
 
@@ -49,12 +49,16 @@ run-loadbalancer: ## Run the load balancer on :8080 over backends on :9001-9003 
 distribution: ## Send N requests to URL and print the spread over pods (URL=... N=...)
 	scripts/distribution.sh "$(URL)" "$(N)"
 
-bench: ## Benchmark against direct, nginx and HAProxy (HTTP/1.1, TCP mode, HTTP/2), and discovery convergence
+bench: ## Benchmark against direct, nginx and HAProxy (HTTP/1.1, TCP mode, HTTP/2), and discovery convergence; results in target/bench/
 	python3 scripts/bench.py
 	python3 scripts/bench_algorithms.py
 	python3 scripts/bench_tcp.py
 	python3 scripts/bench_h2.py
 	cargo bench -p loadbalancer --bench convergence
+
+bench-figures: ## Copy the chart of the last `make bench` into docs/ (committed on purpose, with docs/benchmarks.md)
+	@test -f target/bench/algorithms.svg || { echo "make: run make bench first (no target/bench/algorithms.svg)" >&2; exit 1; }
+	cp target/bench/algorithms.svg docs/algorithms.svg
 
 # === On kind (needs docker, kind, kubectl) ===
 
@@ -132,7 +136,7 @@ pods: ## The load balancer finds the backend pods by label selector instead of E
 	$(KUBECTL) rollout status deployment/loadbalancer --timeout=180s
 
 crd: ## Regenerate k8s/crd/servers.yaml from the Rust type (a test fails while they differ)
-	UPDATE_CRD=1 cargo test -p loadbalancer --test manifests the_server_crd
+	UPDATE_CRD=1 cargo test -p loadbalancer --test integration manifests::the_server_crd
 
 logs: ## Follow the load balancer's logs
 	$(call need,kubectl)

@@ -14,7 +14,8 @@ for round robin, where two thirds of the requests take under a millisecond,
 and a p99 of about 50 ms for least connections with 0.3% of the requests
 slow. Its percentiles for this mix are not what each request took, so this
 run times each request itself. Written: target/bench/algorithms.json and
-docs/algorithms.svg (a bar chart the README shows).
+target/bench/algorithms.svg (a bar chart; `make bench-figures` copies it to
+docs/algorithms.svg, which docs/benchmarks.md shows).
 
 Then, with three equal backends and a real `redis-server`: round robin with
 the local counter against round robin with `sharedCounter`, to measure what
@@ -197,9 +198,9 @@ def main():
 
     bench.write_results("algorithms.json",
                         {"algorithms": results, "least_connections_by_clients": sweep, "counter": counter})
-    (ROOT / "docs").mkdir(exist_ok=True)
-    svg(results, ROOT / "docs" / "algorithms.svg")
-    bench.say("and docs/algorithms.svg")
+    chart = ROOT / "target" / "bench" / "algorithms.svg"
+    svg(results, chart)
+    bench.say(f"and {chart} (make bench-figures copies it into docs/)")
 
 
 if __name__ == "__main__":
