@@ -200,17 +200,8 @@ impl Checker {
                 response.status().is_success(),
                 response.status().to_string(),
             ),
-            Ok(Err(error)) => (false, describe(&error)),
+            Ok(Err(error)) => (false, common::errors::chain(&error)),
             Err(_) => (false, format!("no answer within {timeout:?}")),
         }
     }
-}
-
-/// The innermost cause of a failed probe (`Connection refused`, ...).
-fn describe(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = error;
-    while let Some(source) = cause.source() {
-        cause = source;
-    }
-    cause.to_string()
 }

@@ -15,6 +15,7 @@
 //!   traffic is never affected, since routing reads the checker, not the
 //!   status.
 
+use common::sync::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,9 +59,7 @@ impl StatusWriter {
     /// The Servers as the watch shows them now: their statuses, and which
     /// ones exist at all.
     pub fn observed(&self, servers: &[Arc<Server>]) {
-        let Ok(mut entries) = self.servers.lock() else {
-            return;
-        };
+        let mut entries = lock(&self.servers);
         entries.retain(|name, _| {
             servers
                 .iter()
@@ -121,16 +120,14 @@ impl StatusWriter {
         else {
             return;
         };
-        let Ok(mut entries) = self.servers.lock() else {
-            return;
-        };
+        let mut entries = lock(&self.servers);
         let entry = entries.entry(name).or_default();
         entry.pending = (entry.current != Some(verdict.healthy)).then_some(verdict);
     }
 
     /// When the next pending verdict may be written.
     fn next_due(&self) -> Option<Instant> {
-        let entries = self.servers.lock().ok()?;
+        let entries = lock(&self.servers);
         entries
             .values()
             .filter(|entry| entry.pending.is_some())
@@ -144,9 +141,7 @@ impl StatusWriter {
 
     /// The pending verdicts whose interval has passed; marks them written.
     fn due_now(&self) -> Vec<(String, Verdict)> {
-        let Ok(mut entries) = self.servers.lock() else {
-            return Vec::new();
-        };
+        let mut entries = lock(&self.servers);
         let now = Instant::now();
         let mut due = Vec::new();
         for (name, entry) in entries.iter_mut() {
@@ -187,8 +182,7 @@ impl StatusWriter {
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await;
         if result.is_err()
-            && let Ok(mut entries) = self.servers.lock()
-            && let Some(entry) = entries.get_mut(name)
+            && let Some(entry) = lock(&self.servers).get_mut(name)
         {
             entry.current = None;
             entry.pending.get_or_insert_with(|| verdict.clone());
