@@ -1,7 +1,6 @@
 //! The admin page in a real browser: Debian's Chromium, headless, loads it
 //! while traffic flows, and what it renders is read back (`--dump-dom`).
 
-
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -3,7 +3,6 @@
 //! kubeconfig (`KUBECONFIG`), exactly as it reaches a real one, and real
 //! `backend` processes stand in for pods, each on its own loopback IP.
 
-
 use std::collections::BTreeMap;
 use std::os::unix::fs::OpenOptionsExt;
 
