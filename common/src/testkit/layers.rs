@@ -15,6 +15,16 @@ pub struct Layer {
     pub why: &'static str,
 }
 
+/// Fails, listing every backward arrow, unless `src` holds to `layers`.
+pub fn assert_points_down(src: &Path, layers: &[Layer]) {
+    let problems = backward_arrows(src, layers);
+    assert!(
+        problems.is_empty(),
+        "arrows that point the wrong way:\n{}",
+        problems.join("\n")
+    );
+}
+
 /// Every arrow in `src` that points up or sideways, as readable lines;
 /// empty when the layering holds. A module that no layer names is one too.
 pub fn backward_arrows(src: &Path, layers: &[Layer]) -> Vec<String> {

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use common::testkit::layers::{Layer, backward_arrows, crate_paths};
+use common::testkit::layers::{Layer, assert_points_down, crate_paths};
 
 const LAYERS: &[Layer] = &[
     Layer {
@@ -46,12 +46,7 @@ const LAYERS: &[Layer] = &[
 #[test]
 fn every_use_of_the_crate_points_down_the_layers() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let problems = backward_arrows(&src, LAYERS);
-    assert!(
-        problems.is_empty(),
-        "arrows that point the wrong way:\n{}",
-        problems.join("\n")
-    );
+    assert_points_down(&src, LAYERS);
 }
 
 #[test]
