@@ -32,7 +32,8 @@ demo: ## Local demo, no cluster: 3 backends + load balancer on loopback, distrib
 demo-h2: ## Local demo: one HTTP/2 connection through L4 (all on one pod) and L7 (spread per request)
 	scripts/demo-h2.sh
 
-test: ## Format check, lints, and every test (what CI runs)
+test: ## Format check, lints, and every test (what CI runs); installs the tools the tests start (apt, as root)
+	scripts/test-deps.sh
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace
