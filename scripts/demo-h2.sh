@@ -16,8 +16,8 @@ l4_port=${L4_PORT:-9090}
 l7_port=${L7_PORT:-8080}
 command -v curl >/dev/null || { echo "demo-h2: curl is needed; install it (apt-get install curl)" >&2; exit 1; }
 
-echo "==> cargo build -p backend -p loadbalancer --example h2_one_connection"
-cargo build --quiet -p backend -p loadbalancer --example h2_one_connection
+echo "==> cargo build -p backend -p loadbalancer --example h2_one_connection (the first build takes a few minutes)"
+cargo build -p backend -p loadbalancer --example h2_one_connection
 
 name=demo-h2
 source scripts/processes.sh

@@ -30,8 +30,8 @@ if [[ $(uname) != Linux ]]; then
   echo "      on macOS first run: for i in 11 12 13 14 15; do sudo ifconfig lo0 alias 127.0.0.\$i up; done" >&2
 fi
 
-echo "==> cargo build -p backend -p loadbalancer -p fake-apiserver"
-cargo build --quiet -p backend -p loadbalancer -p fake-apiserver
+echo "==> cargo build -p backend -p loadbalancer -p fake-apiserver (the first build takes a few minutes; later ones, seconds)"
+cargo build -p backend -p loadbalancer -p fake-apiserver
 
 name=demo
 source scripts/processes.sh

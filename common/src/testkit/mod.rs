@@ -36,6 +36,45 @@ use serde_json::Value;
 /// How long a test waits for anything before it fails.
 pub const PATIENCE: Duration = Duration::from_secs(15);
 
+/// A command for an outside tool a test starts (`prometheus`, `chromium`,
+/// `kubectl`, ...). When it is not installed the test fails at once,
+/// naming the Debian package that provides it (from
+/// `scripts/test-deps.list`, the list `make test` installs from).
+pub fn tool(name: &str) -> Command {
+    if let Some(problem) = missing_tool(name, std::env::var_os("PATH")) {
+        panic!("{problem}");
+    }
+    Command::new(name)
+}
+
+/// What to install, if `name` is not on `path` (a `PATH` value).
+pub fn missing_tool(name: &str, path: Option<std::ffi::OsString>) -> Option<String> {
+    let found =
+        path.is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()));
+    if found {
+        return None;
+    }
+    let package = include_str!("../../../scripts/test-deps.list")
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(
+            |line| match line.split_whitespace().collect::<Vec<_>>()[..] {
+                [tool, package] if tool == name => Some(package),
+                _ => None,
+            },
+        );
+    Some(match package {
+        Some(package) => format!(
+            "this test starts `{name}`, which is not installed: run scripts/test-deps.sh \
+             (as root it installs it), or sudo apt-get install {package}"
+        ),
+        None => format!(
+            "this test starts `{name}`, which is not installed (kubectl: 1.27 or newer, \
+             https://kubernetes.io/docs/tasks/tools/)"
+        ),
+    })
+}
+
 /// The path of a workspace binary, built first if it is missing or older
 /// than its sources.
 ///

@@ -1,7 +1,6 @@
 //! The admin page in a real browser: Debian's Chromium, headless, loads it
 //! while traffic flows, and what it renders is read back (`--dump-dom`).
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -15,7 +14,7 @@ use serde_json::json;
 /// The page's DOM after its script has run for a while, as Chromium renders it.
 fn rendered(url: &str) -> String {
     let profile = tempfile::tempdir().unwrap();
-    let output = Command::new("chromium")
+    let output = common::testkit::tool("chromium")
         .args([
             "--headless",
             "--no-sandbox",

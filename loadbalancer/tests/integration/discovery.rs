@@ -654,7 +654,7 @@ async fn a_sighup_during_startup_does_not_kill_the_process() {
     let api = FakeApiServer::start(NAMESPACE).await;
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("kubeconfig");
-    let made = std::process::Command::new("mkfifo")
+    let made = common::testkit::tool("mkfifo")
         .arg(&fifo)
         .status()
         .expect("mkfifo (coreutils)");

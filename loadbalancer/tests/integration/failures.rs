@@ -479,7 +479,7 @@ fn a_config_that_is_not_a_small_regular_file_or_has_a_value_out_of_range_stops_s
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("lb.json");
     assert!(
-        Command::new("mkfifo")
+        common::testkit::tool("mkfifo")
             .arg(&fifo)
             .status()
             .unwrap()

@@ -3,7 +3,6 @@
 //! descriptor limit.
 
 use std::net::SocketAddr;
-use std::process::Command;
 
 use crate::support::*;
 use common::testkit::{Http, PATIENCE, binary, poll_async};
@@ -79,7 +78,7 @@ async fn the_listen_backlog_is_large_by_default_and_configurable() {
 /// The backlog of a listening socket, as `ss` reports it (the Send-Q of a
 /// socket in LISTEN state).
 fn listen_backlog(addr: SocketAddr) -> u32 {
-    let output = Command::new("ss")
+    let output = common::testkit::tool("ss")
         .args(["-Hltn", &format!("sport = :{}", addr.port())])
         .output()
         .expect("ss (iproute2) is installed");
@@ -194,7 +193,7 @@ fn start_load_balancer_under(limit: &str, config: serde_json::Value) -> LoadBala
         .unwrap()
         .extend(config.as_object().unwrap().clone());
     let file = write_config(&full);
-    let mut command = Command::new("prlimit");
+    let mut command = common::testkit::tool("prlimit");
     command
         .arg(limit)
         .arg("--")

@@ -29,3 +29,4 @@ mod proxying;
 mod shared_counter;
 mod sources;
 mod tcp;
+mod tools;

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use crate::support::*;
 use common::testkit::{Http, PATIENCE, Process, poll_async};
@@ -21,7 +21,7 @@ fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
 
 /// `promtool check metrics` on `text`: its complaints, if any.
 fn promtool_check(text: &str) -> Result<(), String> {
-    let mut promtool = Command::new("promtool")
+    let mut promtool = common::testkit::tool("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -189,7 +189,7 @@ async fn a_real_prometheus_scrapes_both_binaries() {
         .local_addr()
         .unwrap()
         .port();
-    let mut command = Command::new("prometheus");
+    let mut command = common::testkit::tool("prometheus");
     command
         .arg(format!("--config.file={}", config.display()))
         .arg(format!(

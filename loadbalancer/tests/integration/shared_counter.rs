@@ -3,7 +3,6 @@
 //! replicas still reach the backends in strict turn; killing Redis fails no
 //! request.
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -17,7 +16,7 @@ fn start_redis() -> (Process, u16) {
         .local_addr()
         .unwrap()
         .port();
-    let mut command = Command::new("redis-server");
+    let mut command = common::testkit::tool("redis-server");
     command.args([
         "--port",
         &port.to_string(),

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::process::Command;
 
 use crate::support::*;
 use common::testkit::{Http, PATIENCE, Process, poll, poll_async};
@@ -312,7 +311,7 @@ fn start_dnsmasq(records: &[String]) -> Dnsmasq {
             continue;
         };
         drop((tcp, udp));
-        let mut command = Command::new("dnsmasq");
+        let mut command = common::testkit::tool("dnsmasq");
         command.args([
             "--keep-in-foreground",
             "--no-daemon",

@@ -290,7 +290,7 @@ async fn out_of_file_descriptors_tcp_mode_never_ejects_a_backend_and_still_stops
         "cooldownMs": 30000, "shutdownTimeoutMs": 1000,
     });
     let file = write_config(&config);
-    let mut command = std::process::Command::new("prlimit");
+    let mut command = common::testkit::tool("prlimit");
     command
         .arg("--nofile=64:64")
         .arg("--")
