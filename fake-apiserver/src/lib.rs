@@ -20,8 +20,12 @@
 //!   with an ADDED event per object, as `kubectl get -w` shows;
 //! - `labelSelector` (`k=v,...`) and `fieldSelector` (`metadata.name=...`)
 //!   are honoured;
-//! - `PUT .../{name}` creates or replaces an object, `DELETE .../{name}`
-//!   deletes it.
+//! - `GET .../{name}` reads one object, `PUT .../{name}` creates or
+//!   replaces it, `DELETE .../{name}` deletes it;
+//! - the discovery documents (`/version`, `/api`, `/apis`, `/api/v1`,
+//!   `/apis/{group}/{version}`, [`discovery`]) and the namespace itself, so
+//!   that the real `kubectl` finds these resources:
+//!   `kubectl get endpointslices -w` works against it.
 //!
 //! The test drives it: change objects, drop every watch, forget history
 //! (forcing 410s), answer 403 (for good, or for the next few requests), or
@@ -38,12 +42,14 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use axum::Router;
+mod discovery;
+
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, put};
+use axum::{Json, Router};
 use futures_util::StreamExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::core::v1::{Endpoints, Pod};
@@ -91,6 +97,43 @@ impl Kind {
             Kind::Slices => "discovery.k8s.io/v1",
             Kind::Endpoints | Kind::Pods => "v1",
             Kind::Servers => "lb.example.com/v1alpha1",
+        }
+    }
+
+    /// `endpointslices.discovery.k8s.io`, or `pods` in the core group, as
+    /// the real server names a resource in its errors.
+    fn qualified(self) -> String {
+        match self.api_version().split_once('/') {
+            Some((group, _)) => format!("{}.{group}", self.resource()),
+            None => self.resource().to_owned(),
+        }
+    }
+
+    /// The object's kind, as in `"kind": "EndpointSlice"`.
+    fn kind(self) -> &'static str {
+        match self {
+            Kind::Slices => "EndpointSlice",
+            Kind::Endpoints => "Endpoints",
+            Kind::Pods => "Pod",
+            Kind::Servers => "Server",
+        }
+    }
+
+    fn singular(self) -> &'static str {
+        match self {
+            Kind::Slices => "endpointslice",
+            Kind::Endpoints => "endpoints",
+            Kind::Pods => "pod",
+            Kind::Servers => "server",
+        }
+    }
+
+    /// What `kubectl get` also accepts (`kubectl get ep`).
+    fn short_names(self) -> &'static [&'static str] {
+        match self {
+            Kind::Slices | Kind::Servers => &[],
+            Kind::Endpoints => &["ep"],
+            Kind::Pods => &["po"],
         }
     }
 
@@ -345,10 +388,27 @@ impl FakeApiServer {
                     put(
                         move |state, path, body| async move { put_object(kind, state, path, body) },
                     )
+                    .get(move |state, path| async move { get_object(kind, state, path) })
                     .delete(move |state, path| async move { delete_object(kind, state, path) }),
                 );
         }
         let app = app
+            .route("/version", get(|| async { Json(discovery::version()) }))
+            .route("/api", get(|| async { Json(discovery::core_versions()) }))
+            .route("/apis", get(|| async { Json(discovery::groups()) }))
+            .route("/api/v1", get(|| async { resources("v1".into()) }))
+            .route(
+                "/api/v1/namespaces/{namespace}",
+                get(|state, name| async move { namespace(state, name) }),
+            )
+            .route(
+                "/apis/{group}/{version}",
+                get(
+                    |Path((group, version)): Path<(String, String)>| async move {
+                        resources(format!("{group}/{version}"))
+                    },
+                ),
+            )
             .route(
                 "/apis/lb.example.com/v1alpha1/namespaces/{namespace}/servers/{name}/status",
                 patch(server_status),
@@ -398,6 +458,18 @@ fn change(shared: &Shared, kind: Kind, mut object: Value) -> Value {
     stamp(&mut object, &shared.namespace, version);
     let name = name_of(&object);
     let collection = world.objects.entry(kind).or_default();
+    // Created once; kept through every change after (kubectl's AGE).
+    let created = collection
+        .get(&name)
+        .map(|old| old["metadata"]["creationTimestamp"].clone())
+        .filter(|at| at.is_string())
+        .unwrap_or_else(|| {
+            jiff::Timestamp::now()
+                .strftime("%Y-%m-%dT%H:%M:%SZ")
+                .to_string()
+                .into()
+        });
+    object["metadata"]["creationTimestamp"] = created;
     if kind == Kind::Servers
         && let Some(status) = collection.get(&name).and_then(|old| old.get("status"))
     {
@@ -553,6 +625,54 @@ fn delete_object(
             StatusCode::NOT_FOUND,
             "NotFound",
             format!("{} \"{name}\" not found", kind.resource()),
+        ),
+    }
+}
+
+/// `GET /api/v1/namespaces/{name}`: the one namespace this server keeps
+/// (kubectl asks after a NotFound, to say which of the two is missing).
+fn namespace(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
+    if name != shared.namespace {
+        let message = format!("namespaces \"{name}\" not found");
+        return status(StatusCode::NOT_FOUND, "NotFound", message);
+    }
+    let object = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": { "name": name },
+        "status": { "phase": "Active" },
+    });
+    Json(object).into_response()
+}
+
+/// The resources of `group_version`, or a 404 Status.
+fn resources(group_version: String) -> Response {
+    match discovery::resources(&group_version) {
+        Some(list) => Json(list).into_response(),
+        None => status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("the server could not find the requested resource ({group_version})"),
+        ),
+    }
+}
+
+/// `GET .../{name}`: one object, or a 404 Status as the real server words it.
+fn get_object(
+    kind: Kind,
+    State(shared): State<Arc<Shared>>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Response {
+    let mut world = shared.world.lock().unwrap();
+    let found = (namespace == shared.namespace)
+        .then(|| world.objects.entry(kind).or_default().get(&name).cloned())
+        .flatten();
+    match found {
+        Some(object) => Json(object).into_response(),
+        None => status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("{} \"{name}\" not found", kind.qualified()),
         ),
     }
 }

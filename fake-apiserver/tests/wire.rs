@@ -136,3 +136,103 @@ async fn a_bad_object_is_refused_with_what_is_wrong() {
     assert_eq!(status, 404);
     assert_eq!(answer["reason"], "NotFound");
 }
+
+/// `kubectl ARGS` against `kubeconfig`: whether it succeeded, and its
+/// output and errors. `None` when no kubectl is installed at all.
+fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> Option<(bool, String)> {
+    let output = std::process::Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .output();
+    match output {
+        Ok(output) => {
+            let text = String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr);
+            Some((output.status.success(), text))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+        Err(error) => panic!("running kubectl: {error}"),
+    }
+}
+
+/// The real client finds the resources through the discovery documents,
+/// then lists, gets and watches them as it would on a cluster.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_real_kubectl_lists_gets_and_watches_endpointslices() {
+    let server = FakeApiServer::start("demo").await;
+    let kubeconfig = server.kubeconfig("demo");
+    let path = kubeconfig.path();
+    let Some((_, version)) = kubectl(path, &["version", "--client"]) else {
+        eprintln!(
+            "skipped: no kubectl installed (CI has one; https://kubernetes.io/docs/tasks/tools/)"
+        );
+        return;
+    };
+    assert!(version.contains("Client Version"), "{version}");
+    call(
+        &server,
+        "PUT",
+        &format!("{SLICES}/backend-a"),
+        Some(slice("backend-a", "10.0.0.1")),
+    )
+    .await;
+
+    let (ok, listed) = kubectl(path, &["get", "endpointslices", "-o", "name"]).unwrap();
+    assert!(
+        ok && listed.contains("endpointslice.discovery.k8s.io/backend-a"),
+        "{listed}"
+    );
+    let jsonpath = "-o=jsonpath={.endpoints[0].addresses[0]}";
+    let (ok, address) = kubectl(path, &["get", "endpointslice", "backend-a", jsonpath]).unwrap();
+    assert!(ok && address == "10.0.0.1", "{address}");
+    let (ok, missing) = kubectl(path, &["get", "endpointslice", "nope"]).unwrap();
+    assert!(
+        !ok && missing.contains(r#"endpointslices.discovery.k8s.io "nope" not found"#),
+        "{missing}"
+    );
+
+    let mut watch = std::process::Command::new("kubectl")
+        .args(["get", "endpointslices", "-w", "--output-watch-events"])
+        .env("KUBECONFIG", path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map(Stopped)
+        .unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    let stdout = watch.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    let next = |wanted: &str| loop {
+        match seen.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) if line.contains(wanted) => return line,
+            Ok(_) => continue,
+            Err(_) => panic!("kubectl -w never showed {wanted}"),
+        }
+    };
+    next("ADDED");
+    call(
+        &server,
+        "PUT",
+        &format!("{SLICES}/backend-a"),
+        Some(slice("backend-a", "10.0.0.2")),
+    )
+    .await;
+    assert!(next("MODIFIED").contains("backend-a"));
+}
+
+/// A child process stopped (by PID) when dropped, also when a test fails.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
