@@ -23,7 +23,7 @@
 //! - `GET .../{name}` reads one object, `PUT .../{name}` creates or
 //!   replaces it, `DELETE .../{name}` deletes it;
 //! - the discovery documents (`/version`, `/api`, `/apis`, `/api/v1`,
-//!   `/apis/{group}/{version}`, [`discovery`]) and the namespace itself, so
+//!   `/apis/{group}/{version}`, in `discovery.rs`) and the namespace itself, so
 //!   that the real `kubectl` finds these resources:
 //!   `kubectl get endpointslices -w` works against it.
 //!
