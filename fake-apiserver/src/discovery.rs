@@ -56,10 +56,21 @@ pub fn resources(group_version: &str) -> Option<Value> {
                 "singularName": kind.singular(),
                 "namespaced": true,
                 "kind": kind.kind(),
-                "verbs": ["get", "list", "watch", "update", "delete"],
+                "verbs": ["get", "list", "watch", "update", "patch", "delete"],
                 "shortNames": kind.short_names(),
             })
         })
+        .chain((group_version == "apps/v1").then(|| {
+            json!({
+                "name": "deployments/scale",
+                "singularName": "",
+                "namespaced": true,
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
+                "verbs": ["get", "patch", "update"],
+            })
+        }))
         .collect();
     (!resources.is_empty()).then(|| {
         json!({ "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources })

@@ -10,7 +10,10 @@
 //! Endpoints (`/api/v1/namespaces/{ns}/endpoints`), Pods
 //! (`/api/v1/namespaces/{ns}/pods`) and the custom resource `Server`
 //! (`/apis/lb.example.com/v1alpha1/namespaces/{ns}/servers`), whose status
-//! subresource takes JSON merge patches (`.../servers/{name}/status`):
+//! subresource takes JSON merge patches (`.../servers/{name}/status`), and,
+//! stored as given for `kubectl` to read and change, Deployments (with the
+//! `scale` subresource that `kubectl scale` uses, in `scale.rs`),
+//! ConfigMaps and Services (the collections are in `kind.rs`):
 //! - a list answers every matching object and the current
 //!   `metadata.resourceVersion`;
 //! - a watch (`?watch=true&resourceVersion=N`) replays the changes after N,
@@ -21,7 +24,9 @@
 //! - `labelSelector` (`k=v,...`) and `fieldSelector` (`metadata.name=...`)
 //!   are honoured;
 //! - `GET .../{name}` reads one object, `PUT .../{name}` creates or
-//!   replaces it, `DELETE .../{name}` deletes it;
+//!   replaces it, `PATCH .../{name}` applies a JSON merge patch
+//!   (`kubectl patch --type merge`; other patch types are refused, naming
+//!   what to use), `DELETE .../{name}` deletes it;
 //! - the discovery documents (`/version`, `/api`, `/apis`, `/api/v1`,
 //!   `/apis/{group}/{version}`, in `discovery.rs`) and the namespace itself, so
 //!   that the real `kubectl` finds these resources:
@@ -43,6 +48,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 mod discovery;
+mod kind;
+mod scale;
+
+use kind::Kind;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -52,7 +61,8 @@ use axum::routing::{get, patch, put};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use k8s_openapi::api::core::v1::{Endpoints, Pod};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Status, WatchEvent};
 use serde::Serialize;
@@ -60,92 +70,6 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
-
-/// Which collection a request or change is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Kind {
-    Slices,
-    Endpoints,
-    Pods,
-    Servers,
-}
-
-impl Kind {
-    const ALL: [Kind; 4] = [Kind::Slices, Kind::Endpoints, Kind::Pods, Kind::Servers];
-
-    /// The collection's URL path, with `{namespace}` for axum to fill.
-    fn collection_path(self) -> String {
-        let group = match self.api_version() {
-            "v1" => "/api/v1".to_owned(),
-            group => format!("/apis/{group}"),
-        };
-        format!("{group}/namespaces/{{namespace}}/{}", self.resource())
-    }
-
-    /// The resource as RBAC and error messages name it.
-    fn resource(self) -> &'static str {
-        match self {
-            Kind::Slices => "endpointslices",
-            Kind::Endpoints => "endpoints",
-            Kind::Pods => "pods",
-            Kind::Servers => "servers",
-        }
-    }
-
-    fn api_version(self) -> &'static str {
-        match self {
-            Kind::Slices => "discovery.k8s.io/v1",
-            Kind::Endpoints | Kind::Pods => "v1",
-            Kind::Servers => "lb.example.com/v1alpha1",
-        }
-    }
-
-    /// `endpointslices.discovery.k8s.io`, or `pods` in the core group, as
-    /// the real server names a resource in its errors.
-    fn qualified(self) -> String {
-        match self.api_version().split_once('/') {
-            Some((group, _)) => format!("{}.{group}", self.resource()),
-            None => self.resource().to_owned(),
-        }
-    }
-
-    /// The object's kind, as in `"kind": "EndpointSlice"`.
-    fn kind(self) -> &'static str {
-        match self {
-            Kind::Slices => "EndpointSlice",
-            Kind::Endpoints => "Endpoints",
-            Kind::Pods => "Pod",
-            Kind::Servers => "Server",
-        }
-    }
-
-    fn singular(self) -> &'static str {
-        match self {
-            Kind::Slices => "endpointslice",
-            Kind::Endpoints => "endpoints",
-            Kind::Pods => "pod",
-            Kind::Servers => "server",
-        }
-    }
-
-    /// What `kubectl get` also accepts (`kubectl get ep`).
-    fn short_names(self) -> &'static [&'static str] {
-        match self {
-            Kind::Slices | Kind::Servers => &[],
-            Kind::Endpoints => &["ep"],
-            Kind::Pods => &["po"],
-        }
-    }
-
-    fn list_kind(self) -> &'static str {
-        match self {
-            Kind::Slices => "EndpointSliceList",
-            Kind::Endpoints => "EndpointsList",
-            Kind::Pods => "PodList",
-            Kind::Servers => "ServerList",
-        }
-    }
-}
 
 /// A change, as kept in history and sent to watchers.
 #[derive(Debug, Clone)]
@@ -373,47 +297,7 @@ impl FakeApiServer {
 
     fn serve(&self, listener: std::net::TcpListener) {
         listener.set_nonblocking(true).unwrap();
-        let mut app = Router::new();
-        for kind in Kind::ALL {
-            let collection = kind.collection_path();
-            app = app
-                .route(
-                    &collection,
-                    get(move |state, namespace, params| async move {
-                        answer(kind, state, namespace, params)
-                    }),
-                )
-                .route(
-                    &format!("{collection}/{{name}}"),
-                    put(
-                        move |state, path, body| async move { put_object(kind, state, path, body) },
-                    )
-                    .get(move |state, path| async move { get_object(kind, state, path) })
-                    .delete(move |state, path| async move { delete_object(kind, state, path) }),
-                );
-        }
-        let app = app
-            .route("/version", get(|| async { Json(discovery::version()) }))
-            .route("/api", get(|| async { Json(discovery::core_versions()) }))
-            .route("/apis", get(|| async { Json(discovery::groups()) }))
-            .route("/api/v1", get(|| async { resources("v1".into()) }))
-            .route(
-                "/api/v1/namespaces/{namespace}",
-                get(|state, name| async move { namespace(state, name) }),
-            )
-            .route(
-                "/apis/{group}/{version}",
-                get(
-                    |Path((group, version)): Path<(String, String)>| async move {
-                        resources(format!("{group}/{version}"))
-                    },
-                ),
-            )
-            .route(
-                "/apis/lb.example.com/v1alpha1/namespaces/{namespace}/servers/{name}/status",
-                patch(server_status),
-            )
-            .with_state(self.shared.clone());
+        let app = routes().with_state(self.shared.clone());
         let runtime = self.runtime.as_ref().unwrap();
         let server = runtime.spawn(async move {
             let listener = TcpListener::from_std(listener).unwrap();
@@ -439,6 +323,57 @@ impl FakeApiServer {
     fn change(&self, kind: Kind, object: Value) {
         change(&self.shared, kind, object);
     }
+}
+
+/// Every collection, its objects, and the discovery documents.
+fn routes() -> Router<Arc<Shared>> {
+    let mut app = Router::new();
+    for kind in Kind::ALL {
+        let collection = kind.collection_path();
+        app = app
+            .route(
+                &collection,
+                get(move |state, namespace, params| async move {
+                    answer(kind, state, namespace, params)
+                }),
+            )
+            .route(
+                &format!("{collection}/{{name}}"),
+                put(move |state, path, body| async move { put_object(kind, state, path, body) })
+                    .get(move |state, path| async move { get_object(kind, state, path) })
+                    .patch(move |state, path, headers, body| async move {
+                        patch_object(kind, state, path, headers, body)
+                    })
+                    .delete(move |state, path| async move { delete_object(kind, state, path) }),
+            );
+    }
+    let scale = "/apis/apps/v1/namespaces/{namespace}/deployments/{name}/scale";
+    app.route(
+        scale,
+        get(|state, path| async move { scale::get(state, path) }).patch(
+            |state, path, headers, body| async move { scale::patch(state, path, headers, body) },
+        ),
+    )
+    .route("/version", get(|| async { Json(discovery::version()) }))
+    .route("/api", get(|| async { Json(discovery::core_versions()) }))
+    .route("/apis", get(|| async { Json(discovery::groups()) }))
+    .route("/api/v1", get(|| async { resources("v1".into()) }))
+    .route(
+        "/api/v1/namespaces/{namespace}",
+        get(|state, name| async move { namespace(state, name) }),
+    )
+    .route(
+        "/apis/{group}/{version}",
+        get(
+            |Path((group, version)): Path<(String, String)>| async move {
+                resources(format!("{group}/{version}"))
+            },
+        ),
+    )
+    .route(
+        "/apis/lb.example.com/v1alpha1/namespaces/{namespace}/servers/{name}/status",
+        patch(server_status),
+    )
 }
 
 /// Deletes `kind`'s object `name`, if there is one, notifying watchers.
@@ -602,15 +537,83 @@ fn put_object(
         Kind::Slices => check::<EndpointSlice>(&object),
         Kind::Endpoints => check::<Endpoints>(&object),
         Kind::Pods => check::<Pod>(&object),
+        Kind::Deployments => check::<Deployment>(&object),
+        Kind::ConfigMaps => check::<ConfigMap>(&object),
+        Kind::Services => check::<Service>(&object),
         Kind::Servers => Ok(()),
     };
     if let Err(e) = typed {
         return bad_request(format!("not a valid {}: {e}", kind.resource()));
     }
     object["apiVersion"] = kind.api_version().into();
-    object["kind"] = kind.list_kind().trim_end_matches("List").into();
+    object["kind"] = kind.kind().into();
     let stored = change(&shared, kind, object);
     ([("content-type", "application/json")], stored.to_string()).into_response()
+}
+
+/// `PATCH .../{name}` with a JSON merge patch (`kubectl patch --type
+/// merge`). Strategic merge and JSON patches are refused, naming what to
+/// use instead.
+fn patch_object(
+    kind: Kind,
+    State(shared): State<Arc<Shared>>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let patch = match merge_patch(&headers, &body) {
+        Ok(patch) => patch,
+        Err(refused) => return refused.into_response(),
+    };
+    let current = shared
+        .world
+        .lock()
+        .unwrap()
+        .objects
+        .entry(kind)
+        .or_default()
+        .get(&name)
+        .cloned();
+    let Some(mut object) = current.filter(|_| namespace == shared.namespace) else {
+        let message = format!("{} \"{name}\" not found", kind.qualified());
+        return status(StatusCode::NOT_FOUND, "NotFound", message);
+    };
+    merge(&mut object, &patch);
+    object["metadata"]["name"] = name.into();
+    let stored = change(&shared, kind, object);
+    Json(stored).into_response()
+}
+
+/// A request refused with a Status: the code, the reason word, the message.
+struct Refused(StatusCode, &'static str, String);
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        status(self.0, self.1, self.2)
+    }
+}
+
+/// The body of a `PATCH`, if it is a JSON merge patch.
+fn merge_patch(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<Value, Refused> {
+    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok());
+    if content_type != Some("application/merge-patch+json") {
+        return Err(Refused(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            format!(
+                "this stand-in API server takes JSON merge patches only (kubectl patch --type merge), \
+                 not {}; for strategic merge patches and kubectl apply, use kind",
+                content_type.unwrap_or("no content type")
+            ),
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        Refused(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("the patch is not JSON: {e}"),
+        )
+    })
 }
 
 /// `DELETE .../{name}`.

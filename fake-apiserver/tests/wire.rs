@@ -236,3 +236,87 @@ impl Drop for Stopped {
         let _ = self.0.wait();
     }
 }
+
+/// `kubectl scale` goes through the Deployment's scale subresource, and
+/// `kubectl patch --type merge` through a JSON merge patch; a strategic
+/// merge patch is refused with what to use instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_real_kubectl_scales_a_deployment_and_patches_a_configmap() {
+    let server = FakeApiServer::start("demo").await;
+    let kubeconfig = server.kubeconfig("demo");
+    let path = kubeconfig.path();
+    if kubectl(path, &["version", "--client"]).is_none() {
+        eprintln!(
+            "skipped: no kubectl installed (CI has one; https://kubernetes.io/docs/tasks/tools/)"
+        );
+        return;
+    }
+    let deployment = json!({
+        "metadata": { "name": "backend" },
+        "spec": {
+            "replicas": 3,
+            "selector": { "matchLabels": { "app": "backend" } },
+            "template": {
+                "metadata": { "labels": { "app": "backend" } },
+                "spec": { "containers": [{ "name": "backend", "image": "lb-demo/backend:0.1.0" }] },
+            },
+        },
+    });
+    let config =
+        json!({ "metadata": { "name": "backend-config" }, "data": { "config.json": "{}" } });
+    let (created, _) = call(
+        &server,
+        "PUT",
+        "/apis/apps/v1/namespaces/demo/deployments/backend",
+        Some(deployment),
+    )
+    .await;
+    assert_eq!(created, 200);
+    let (created, _) = call(
+        &server,
+        "PUT",
+        "/api/v1/namespaces/demo/configmaps/backend-config",
+        Some(config),
+    )
+    .await;
+    assert_eq!(created, 200);
+
+    let (ok, said) = kubectl(path, &["scale", "deployment/backend", "--replicas=5"]).unwrap();
+    assert!(ok && said.contains("scaled"), "{said}");
+    let replicas = "-o=jsonpath={.spec.replicas}";
+    let (_, now) = kubectl(path, &["get", "deploy", "backend", replicas]).unwrap();
+    assert_eq!(now, "5");
+
+    let patch = r#"{"data":{"config.json":"{\"serviceName\":\"catalog\"}"}}"#;
+    let (ok, said) = kubectl(
+        path,
+        &[
+            "patch",
+            "configmap",
+            "backend-config",
+            "--type",
+            "merge",
+            "-p",
+            patch,
+        ],
+    )
+    .unwrap();
+    assert!(ok, "{said}");
+    let (_, data) = kubectl(
+        path,
+        &[
+            "get",
+            "cm",
+            "backend-config",
+            r"-o=jsonpath={.data.config\.json}",
+        ],
+    )
+    .unwrap();
+    assert_eq!(data, r#"{"serviceName":"catalog"}"#);
+    let (ok, refused) =
+        kubectl(path, &["patch", "configmap", "backend-config", "-p", patch]).unwrap();
+    assert!(
+        !ok && refused.contains("--type merge") && refused.contains("use kind"),
+        "{refused}"
+    );
+}
