@@ -17,7 +17,7 @@ REPLICAS ?= 5
 # $(call need,tool): stop with a clear message when a tool is missing.
 need = @command -v $(1) >/dev/null 2>&1 || { echo "make: '$(1)' is not installed; it is needed for this target (see README: Run it on kind)" >&2; exit 1; }
 
-.PHONY: help demo demo-h2 test build run-backend run-loadbalancer distribution bench bench-figures \
+.PHONY: help demo demo-h2 local local-down test build run-backend run-loadbalancer distribution bench bench-figures \
         up cluster images load deploy curl port-forward dashboard scale slow-pod shared-counter \
         servers pods crd logs down
 
@@ -28,6 +28,13 @@ help: ## List the targets
 
 demo: ## Local demo, no cluster: 3 backends + load balancer on loopback, distribution printed
 	scripts/demo.sh
+
+local: ## A local stand-in cluster, no Docker: drive it with the real kubectl (Ctrl-C or make local-down stops it)
+	scripts/local.sh
+
+local-down: ## Stop what make local started
+	@test -f target/local/pids || { echo "make: no local cluster is running (no target/local/pids)"; exit 0; }
+	kill $$(cat target/local/pids)
 
 demo-h2: ## Local demo: one HTTP/2 connection through L4 (all on one pod) and L7 (spread per request)
 	scripts/demo-h2.sh

@@ -72,6 +72,15 @@ impl Kind {
         }
     }
 
+    /// The collection an object of the manifests belongs in, if this
+    /// server keeps that kind.
+    pub fn of(object: &serde_json::Value) -> Option<Kind> {
+        let (api_version, kind) = (object["apiVersion"].as_str()?, object["kind"].as_str()?);
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.api_version() == api_version && k.kind() == kind)
+    }
+
     /// The collection's URL path, with `{namespace}` for axum to fill.
     pub fn collection_path(self) -> String {
         let group = match self.api_version() {

@@ -49,7 +49,10 @@ use std::sync::{Arc, Mutex};
 
 mod discovery;
 mod kind;
+mod local;
 mod scale;
+
+pub use local::{Local, LocalCluster};
 
 use kind::Kind;
 
@@ -116,6 +119,59 @@ struct Shared {
     namespace: String,
     world: Mutex<World>,
     broadcast: broadcast::Sender<Broadcast>,
+    /// Where pods' logs are, in a local cluster (`pods/{name}/log`).
+    logs: Mutex<Option<std::path::PathBuf>>,
+}
+
+/// The store, as the local cluster's controllers use it.
+#[derive(Debug, Clone)]
+struct Handle(Arc<Shared>);
+
+impl Handle {
+    fn namespace(&self) -> &str {
+        &self.0.namespace
+    }
+
+    fn object(&self, kind: Kind, name: &str) -> Option<Value> {
+        self.0
+            .world
+            .lock()
+            .unwrap()
+            .objects
+            .get(&kind)?
+            .get(name)
+            .cloned()
+    }
+
+    fn names(&self, kind: Kind) -> Vec<String> {
+        let world = self.0.world.lock().unwrap();
+        world
+            .objects
+            .get(&kind)
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn remove(&self, kind: Kind, name: &str) {
+        delete(&self.0, kind, name);
+    }
+
+    /// Stores `object` unless the store already holds the same (its
+    /// server-set metadata aside): no change, no new resource version.
+    fn put_if_changed(&self, kind: Kind, object: Value) {
+        let strip = |mut object: Value| {
+            if let Some(metadata) = object["metadata"].as_object_mut() {
+                for field in ["resourceVersion", "creationTimestamp", "namespace"] {
+                    metadata.remove(field);
+                }
+            }
+            object
+        };
+        let current = self.object(kind, &name_of(&object)).map(strip);
+        if current.as_ref() != Some(&strip(object.clone())) {
+            change(&self.0, kind, object);
+        }
+    }
 }
 
 /// The fake API server; stops when dropped.
@@ -148,6 +204,7 @@ impl FakeApiServer {
                 ..World::default()
             }),
             broadcast: broadcast::channel(1024).0,
+            logs: Mutex::new(None),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -161,6 +218,14 @@ impl FakeApiServer {
         };
         fake.serve(listener);
         Ok(fake)
+    }
+
+    fn handle(&self) -> Handle {
+        Handle(self.shared.clone())
+    }
+
+    fn object(&self, kind: Kind, name: &str) -> Option<Value> {
+        self.handle().object(kind, name)
     }
 
     /// A kubeconfig file pointing at this server, with `namespace` as the
@@ -354,6 +419,10 @@ fn routes() -> Router<Arc<Shared>> {
             |state, path, headers, body| async move { scale::patch(state, path, headers, body) },
         ),
     )
+    .route(
+        "/api/v1/namespaces/{namespace}/pods/{name}/log",
+        get(|state, path| async move { pod_log(state, path) }),
+    )
     .route("/version", get(|| async { Json(discovery::version()) }))
     .route("/api", get(|| async { Json(discovery::core_versions()) }))
     .route("/apis", get(|| async { Json(discovery::groups()) }))
@@ -373,6 +442,23 @@ fn routes() -> Router<Arc<Shared>> {
     .route(
         "/apis/lb.example.com/v1alpha1/namespaces/{namespace}/servers/{name}/status",
         patch(server_status),
+    )
+    .fallback(not_served)
+    .method_not_allowed_fallback(not_served)
+}
+
+/// Anything else (`kubectl create`, `apply` of a new object, `exec`,
+/// `port-forward`, another resource): a Status that says so and where to go.
+async fn not_served(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        format!(
+            "this stand-in API server does not serve {method} {}: it keeps a few resources for \
+             list, watch, get, PUT, merge PATCH and DELETE; for kubectl create, apply, exec and \
+             port-forward, use kind",
+            uri.path()
+        ),
     )
 }
 
@@ -646,6 +732,26 @@ fn namespace(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Res
         "status": { "phase": "Active" },
     });
     Json(object).into_response()
+}
+
+/// `GET .../pods/{name}/log` (`kubectl logs`): the pod process's output,
+/// in a local cluster.
+fn pod_log(
+    State(shared): State<Arc<Shared>>,
+    Path((_namespace, name)): Path<(String, String)>,
+) -> Response {
+    let dir = shared.logs.lock().unwrap().clone();
+    let text = dir.and_then(|dir| std::fs::read_to_string(dir.join(&name).join("log")).ok());
+    match text {
+        Some(text) => ([("content-type", "text/plain")], text).into_response(),
+        None => status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!(
+                "no log for pod \"{name}\": logs are kept for the backend's pods of a local cluster"
+            ),
+        ),
+    }
 }
 
 /// The resources of `group_version`, or a 404 Status.

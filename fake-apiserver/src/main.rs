@@ -28,6 +28,16 @@ struct Cli {
     /// Write a kubeconfig pointing at this server here.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// A local cluster: store these manifests (`kubectl kustomize k8s/`)
+    /// and run the backend Deployment's pods as processes (`make local`).
+    #[arg(long, requires = "backend")]
+    local: Option<PathBuf>,
+    /// With --local: the `backend` binary the pods run.
+    #[arg(long)]
+    backend: Option<PathBuf>,
+    /// With --local: where pods' config files and logs go.
+    #[arg(long, default_value = "target/local")]
+    state: PathBuf,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -63,7 +73,30 @@ async fn main() -> ExitCode {
         "fake-apiserver: serving namespace {} on http://{}",
         cli.namespace, server.addr
     );
+    let mut cluster = None;
+    if let (Some(manifests), Some(backend)) = (&cli.local, &cli.backend) {
+        let local = std::fs::read_to_string(manifests)
+            .map_err(|e| format!("cannot read the manifests {}: {e}", manifests.display()))
+            .and_then(|manifests| {
+                server.run_local(fake_apiserver::Local {
+                    manifests,
+                    backend: backend.clone(),
+                    state: cli.state.clone(),
+                    first_ip: std::net::Ipv4Addr::new(127, 0, 0, 11),
+                })
+            });
+        match local {
+            Ok(running) => cluster = Some(running),
+            Err(error) => {
+                eprintln!("fake-apiserver: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     wait_for_a_stop_signal().await;
+    if let Some(cluster) = cluster {
+        cluster.stop().await;
+    }
     ExitCode::SUCCESS
 }
 

@@ -319,4 +319,7 @@ async fn the_real_kubectl_scales_a_deployment_and_patches_a_configmap() {
         !ok && refused.contains("--type merge") && refused.contains("use kind"),
         "{refused}"
     );
+    let created = ["create", "configmap", "other", "--from-literal=a=b"];
+    let (ok, refused) = kubectl(path, &created).unwrap();
+    assert!(!ok && refused.contains("use kind"), "{refused}");
 }

@@ -23,6 +23,7 @@ mod http2;
 mod layers;
 mod listeners;
 mod live_config;
+mod local_cluster;
 mod manifests;
 mod observability;
 mod proxying;
