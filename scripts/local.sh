@@ -52,7 +52,7 @@ cat <<TXT
 The local cluster is up (Ctrl-C or \`make local-down\` stops it).
 
   export KUBECONFIG=$PWD/$state/kubeconfig
-  kubectl get pods,endpointslices -w          # in one terminal
+  kubectl get pods -w                         # in one terminal (or endpointslices -w)
   make distribution N=300                     # in another: the spread over the pods
   make scale REPLICAS=5                       # kubectl scale deployment/backend --replicas=5
   kubectl delete pod <name>                   # terminating, then replaced
