@@ -63,6 +63,8 @@ pub struct Kubelet {
     backend: PathBuf,
     state: PathBuf,
     first_ip: Ipv4Addr,
+    /// The namespace the pods are in (the Downward API's `POD_NAMESPACE`).
+    namespace: String,
     pub template: Template,
     pods: BTreeMap<String, Running>,
     config: Value,
@@ -106,12 +108,14 @@ impl Kubelet {
         backend: PathBuf,
         state: PathBuf,
         first_ip: Ipv4Addr,
+        namespace: String,
         template: Template,
     ) -> Kubelet {
         Kubelet {
             backend,
             state,
             first_ip,
+            namespace,
             template,
             pods: BTreeMap::new(),
             config: Value::Null,
@@ -240,7 +244,8 @@ impl Kubelet {
     }
 
     /// The Pod objects of the live pods, as the kubelet reports them.
-    pub fn pod_objects(&self, namespace: &str) -> Vec<Value> {
+    pub fn pod_objects(&self) -> Vec<Value> {
+        let namespace = &self.namespace;
         self.live()
             .map(|(name, pod)| {
                 let ready = if pod.ready { "True" } else { "False" };
@@ -327,7 +332,7 @@ impl Kubelet {
             ])
             .env("POD_NAME", name)
             .env("POD_IP", pod.ip.to_string())
-            .env("POD_NAMESPACE", "lb-demo")
+            .env("POD_NAMESPACE", &self.namespace)
             .env("NODE_NAME", "local")
             .stdout(out)
             .stderr(err)

@@ -77,7 +77,14 @@ impl FakeApiServer {
         }
         let template = Template::of(self.object(Kind::Deployments, "backend").as_ref())?;
         *self.shared.logs.lock().unwrap() = Some(local.state.join("pods"));
-        let kubelet = Kubelet::new(local.backend, local.state, local.first_ip, template);
+        let namespace = self.shared.namespace.clone();
+        let kubelet = Kubelet::new(
+            local.backend,
+            local.state,
+            local.first_ip,
+            namespace,
+            template,
+        );
         let runtime = self.runtime.as_ref().ok_or("the server has stopped")?;
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = runtime.spawn(reconcile_until(self.handle(), kubelet, stopped));
@@ -133,10 +140,10 @@ async fn reconcile(api: &super::Handle, kubelet: &mut Kubelet) {
     kubelet.terminate_unlisted(&listed);
     kubelet.scale(desired, |name| api.remove(Kind::Pods, name));
     kubelet.tend().await;
-    for pod in kubelet.pod_objects(api.namespace()) {
+    for pod in kubelet.pod_objects() {
         api.put_if_changed(Kind::Pods, pod);
     }
-    api.put_if_changed(Kind::Slices, endpoint_slice(kubelet));
+    api.put_if_changed(Kind::Slices, endpoint_slice(kubelet, api.namespace()));
     if let Some(mut deployment) = deployment {
         let (replicas, ready) = kubelet.counts();
         // What `kubectl rollout status` reads: every live pod is of the
@@ -152,7 +159,7 @@ async fn reconcile(api: &super::Handle, kubelet: &mut Kubelet) {
 }
 
 /// The `backend` Service's EndpointSlice, as the controller writes it.
-fn endpoint_slice(kubelet: &Kubelet) -> Value {
+fn endpoint_slice(kubelet: &Kubelet, namespace: &str) -> Value {
     let endpoints: Vec<Value> = kubelet
         .endpoints()
         .into_iter()
@@ -160,7 +167,7 @@ fn endpoint_slice(kubelet: &Kubelet) -> Value {
             json!({
                 "addresses": [e.ip.to_string()],
                 "conditions": { "ready": e.ready && !e.terminating, "serving": e.ready, "terminating": e.terminating },
-                "targetRef": { "kind": "Pod", "name": e.pod, "namespace": "" },
+                "targetRef": { "kind": "Pod", "name": e.pod, "namespace": namespace },
                 "nodeName": "local",
             })
         })
