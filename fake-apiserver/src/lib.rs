@@ -30,7 +30,9 @@
 //! - the discovery documents (`/version`, `/api`, `/apis`, `/api/v1`,
 //!   `/apis/{group}/{version}`, in `discovery.rs`) and the namespace itself, so
 //!   that the real `kubectl` finds these resources:
-//!   `kubectl get endpointslices -w` works against it.
+//!   `kubectl get endpointslices -w` works against it; lists and watches
+//!   come as server-side Tables when kubectl asks, so `kubectl get pods`
+//!   prints READY, STATUS and RESTARTS as on a cluster (`table.rs`).
 //!
 //! The test drives it: change objects, drop every watch, forget history
 //! (forcing 410s), answer 403 (for good, or for the next few requests), or
@@ -51,6 +53,7 @@ mod discovery;
 mod kind;
 mod local;
 mod scale;
+mod table;
 
 pub use local::{Local, LocalCluster};
 
@@ -398,8 +401,8 @@ fn routes() -> Router<Arc<Shared>> {
         app = app
             .route(
                 &collection,
-                get(move |state, namespace, params| async move {
-                    answer(kind, state, namespace, params)
+                get(move |state, namespace, params, headers| async move {
+                    answer(kind, state, namespace, params, headers)
                 }),
             )
             .route(
@@ -871,6 +874,7 @@ fn answer(
     State(shared): State<Arc<Shared>>,
     Path(namespace): Path<String>,
     Query(params): Query<Params>,
+    headers: axum::http::HeaderMap,
 ) -> Response {
     let mut world = shared.world.lock().unwrap();
     if !params.is_watch() {
@@ -885,6 +889,7 @@ fn answer(
         kind,
         selector: Selector::parse(&params),
         in_namespace: namespace == shared.namespace,
+        table: table::wanted(&headers),
     };
     if !params.is_watch() {
         return list(&mut world, &asked);
@@ -900,7 +905,7 @@ fn answer(
             .map(|object| event_line("ADDED", object))
             .collect();
         let receiver = shared.broadcast.subscribe();
-        return watch_stream(kind, current, receiver, asked.selector, asked.in_namespace);
+        return watch_stream(current, receiver, asked);
     };
     let since: u64 = since.parse().unwrap_or(0);
     if since + 1 < world.oldest_kept {
@@ -920,7 +925,7 @@ fn answer(
     // Subscribe before letting go of the lock, so no change falls between.
     let receiver = shared.broadcast.subscribe();
     drop(world);
-    watch_stream(kind, replay, receiver, asked.selector, asked.in_namespace)
+    watch_stream(replay, receiver, asked)
 }
 
 /// What a list or watch asks for.
@@ -929,6 +934,8 @@ struct Asked {
     selector: Selector,
     /// Whether the request's namespace is the one the objects live in.
     in_namespace: bool,
+    /// Answer in Tables, as `kubectl get` asks ([`table`]).
+    table: bool,
 }
 
 impl Asked {
@@ -962,12 +969,16 @@ fn list(world: &mut World, asked: &Asked) -> Response {
         .filter(|object| asked.wants(object))
         .cloned()
         .collect();
-    let list = json!({
-        "apiVersion": asked.kind.api_version(),
-        "kind": asked.kind.list_kind(),
-        "metadata": { "resourceVersion": version },
-        "items": items,
-    });
+    let list = if asked.table {
+        table::of(asked.kind, &items.iter().collect::<Vec<_>>(), &version)
+    } else {
+        json!({
+            "apiVersion": asked.kind.api_version(),
+            "kind": asked.kind.list_kind(),
+            "metadata": { "resourceVersion": version },
+            "items": items,
+        })
+    };
     ([("content-type", "application/json")], list.to_string()).into_response()
 }
 
@@ -991,12 +1002,16 @@ fn expired(since: u64) -> Response {
 /// A watch's answer: the `first` lines, then every change from `receiver`
 /// that matches, as newline-delimited JSON, until the watches are dropped.
 fn watch_stream(
-    kind: Kind,
     first: Vec<String>,
     receiver: broadcast::Receiver<Broadcast>,
-    selector: Selector,
-    items_in_namespace: bool,
+    asked: Asked,
 ) -> Response {
+    let Asked {
+        kind,
+        selector,
+        in_namespace: items_in_namespace,
+        table,
+    } = asked;
     let live = futures_util::stream::unfold(receiver, move |mut receiver| {
         let selector = selector.clone();
         async move {
@@ -1026,6 +1041,10 @@ fn watch_stream(
     });
     let lines = futures_util::stream::iter(first)
         .chain(live)
+        .map(move |line| match table {
+            true => table::event(kind, &line),
+            false => line,
+        })
         .map(Ok::<_, std::convert::Infallible>);
     (
         [("content-type", "application/json")],

@@ -170,6 +170,16 @@ async fn kubectl_scale_3_to_5_to_2_and_the_rotation_follows() {
     let pods = cluster.kubectl(&["get", "pods", "-o", "jsonpath={.items[*].metadata.name}"]);
     let listed: BTreeSet<String> = pods.split_whitespace().map(str::to_owned).collect();
     assert_eq!(listed, two, "kubectl get pods lists the pods that serve");
+    // The columns a cluster prints (the server's Table), two pods ready.
+    let table = cluster.kubectl(&["get", "pods"]);
+    assert!(
+        table.starts_with("NAME") && table.contains("READY") && table.contains("RESTARTS"),
+        "{table}"
+    );
+    let running = table
+        .lines()
+        .filter(|l| l.contains("1/1") && l.contains("Running"));
+    assert_eq!(running.count(), 2, "{table}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
