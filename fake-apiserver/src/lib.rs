@@ -124,6 +124,9 @@ struct Shared {
     broadcast: broadcast::Sender<Broadcast>,
     /// Where pods' logs are, in a local cluster (`pods/{name}/log`).
     logs: Mutex<Option<std::path::PathBuf>>,
+    /// In a local cluster, deleting a pod marks it (`deletionTimestamp`,
+    /// `Terminating`) and its kubelet removes it once its process is gone.
+    graceful_pods: std::sync::atomic::AtomicBool,
 }
 
 /// The store, as the local cluster's controllers use it.
@@ -146,17 +149,14 @@ impl Handle {
             .cloned()
     }
 
-    fn names(&self, kind: Kind) -> Vec<String> {
-        let world = self.0.world.lock().unwrap();
-        world
-            .objects
-            .get(&kind)
-            .map(|o| o.keys().cloned().collect())
-            .unwrap_or_default()
-    }
-
     fn remove(&self, kind: Kind, name: &str) {
         delete(&self.0, kind, name);
+    }
+
+    /// Marks a pod as being deleted, as the API server does for a pod with
+    /// a grace period; its kubelet removes it.
+    fn begin_deletion(&self, name: &str) {
+        begin_deletion(&self.0, name);
     }
 
     /// Stores `object` unless the store already holds the same (its
@@ -208,6 +208,7 @@ impl FakeApiServer {
             }),
             broadcast: broadcast::channel(1024).0,
             logs: Mutex::new(None),
+            graceful_pods: std::sync::atomic::AtomicBool::new(false),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -408,7 +409,9 @@ fn routes() -> Router<Arc<Shared>> {
             .route(
                 &format!("{collection}/{{name}}"),
                 put(move |state, path, body| async move { put_object(kind, state, path, body) })
-                    .get(move |state, path| async move { get_object(kind, state, path) })
+                    .get(move |state, path, headers| async move {
+                        get_object(kind, state, path, headers)
+                    })
                     .patch(move |state, path, headers, body| async move {
                         patch_object(kind, state, path, headers, body)
                     })
@@ -473,6 +476,27 @@ fn delete(shared: &Shared, kind: Kind, name: &str) -> Option<Value> {
     gone["metadata"]["resourceVersion"] = version.to_string().into();
     record(shared, &mut world, kind, version, "DELETED", gone.clone());
     Some(gone)
+}
+
+/// Sets a pod's `deletionTimestamp` (once), notifying watchers; the pod as
+/// stored, or `None` if there is no such pod.
+fn begin_deletion(shared: &Shared, name: &str) -> Option<Value> {
+    let mut pod = shared
+        .world
+        .lock()
+        .unwrap()
+        .objects
+        .get(&Kind::Pods)?
+        .get(name)?
+        .clone();
+    if pod["metadata"]["deletionTimestamp"].is_string() {
+        return Some(pod);
+    }
+    pod["metadata"]["deletionTimestamp"] = jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+        .into();
+    Some(change(shared, Kind::Pods, pod))
 }
 
 /// Creates or replaces an object, notifying watchers; returns it as stored.
@@ -711,7 +735,15 @@ fn delete_object(
     State(shared): State<Arc<Shared>>,
     Path((_namespace, name)): Path<(String, String)>,
 ) -> Response {
-    match delete(&shared, kind, &name) {
+    let graceful = kind == Kind::Pods
+        && shared
+            .graceful_pods
+            .load(std::sync::atomic::Ordering::Relaxed);
+    let deleted = match graceful {
+        true => begin_deletion(&shared, &name),
+        false => delete(&shared, kind, &name),
+    };
+    match deleted {
         Some(gone) => ([("content-type", "application/json")], gone.to_string()).into_response(),
         None => status(
             StatusCode::NOT_FOUND,
@@ -774,12 +806,19 @@ fn get_object(
     kind: Kind,
     State(shared): State<Arc<Shared>>,
     Path((namespace, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
 ) -> Response {
     let mut world = shared.world.lock().unwrap();
     let found = (namespace == shared.namespace)
         .then(|| world.objects.entry(kind).or_default().get(&name).cloned())
         .flatten();
     match found {
+        Some(object) if table::wanted(&headers) => {
+            let version = object["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap_or_default();
+            Json(table::of(kind, &[&object], version)).into_response()
+        }
         Some(object) => Json(object).into_response(),
         None => status(
             StatusCode::NOT_FOUND,

@@ -90,7 +90,11 @@ fn cells(kind: Kind, object: &Value) -> Vec<Value> {
             let restarts = status["containerStatuses"][0]["restartCount"]
                 .as_u64()
                 .unwrap_or(0);
-            let phase = status["phase"].as_str().unwrap_or("Pending");
+            let deleting = object["metadata"]["deletionTimestamp"].is_string();
+            let phase = match deleting {
+                true => "Terminating",
+                false => status["phase"].as_str().unwrap_or("Pending"),
+            };
             let ip = status["podIP"].as_str().unwrap_or("<none>");
             vec![
                 name,

@@ -140,17 +140,17 @@ impl Kubelet {
         }
     }
 
-    /// Pods whose objects are gone from the API begin terminating.
-    pub fn terminate_unlisted(&mut self, listed: &[String]) {
+    /// Pods that are `deleted` in the API begin terminating.
+    pub fn terminate_deleted(&mut self, deleted: impl Fn(&String) -> bool) {
         for (name, pod) in &mut self.pods {
-            if pod.terminating.is_none() && !listed.contains(name) {
+            if pod.terminating.is_none() && deleted(name) {
                 pod.terminating = Some(Instant::now());
             }
         }
     }
 
-    /// Makes or deletes pods until `desired` are live; `delete` removes a
-    /// pod's object from the API.
+    /// Makes or deletes pods until `desired` are live; `delete` marks a
+    /// pod's object as being deleted.
     pub fn scale(&mut self, desired: usize, delete: impl Fn(&str)) {
         let live: Vec<String> = self.live().map(|(name, _)| name.clone()).collect();
         for name in live.iter().rev().take(live.len().saturating_sub(desired)) {
@@ -164,8 +164,9 @@ impl Kubelet {
         }
     }
 
-    /// Probes, restarts, and moves terminating pods along.
-    pub async fn tend(&mut self) {
+    /// Probes, restarts, and moves terminating pods along; the pods whose
+    /// processes are gone after their deletion, for the API to forget.
+    pub async fn tend(&mut self) -> Vec<String> {
         let template = self.template.clone();
         let mut gone = Vec::new();
         let mut restart = Vec::new();
@@ -191,8 +192,8 @@ impl Kubelet {
                 None => probe(pod, &template).await,
             }
         }
-        for name in gone {
-            self.pods.remove(&name);
+        for name in &gone {
+            self.pods.remove(name);
         }
         for name in restart {
             eprintln!(
@@ -204,6 +205,7 @@ impl Kubelet {
             }
             self.spawn(&name);
         }
+        gone
     }
 
     /// Every pod process, stopped: SIGTERM, then SIGKILL after 5 s.
@@ -246,7 +248,8 @@ impl Kubelet {
     /// The Pod objects of the live pods, as the kubelet reports them.
     pub fn pod_objects(&self) -> Vec<Value> {
         let namespace = &self.namespace;
-        self.live()
+        self.pods
+            .iter()
             .map(|(name, pod)| {
                 let ready = if pod.ready { "True" } else { "False" };
                 json!({
@@ -263,6 +266,13 @@ impl Kubelet {
                 })
             })
             .collect()
+    }
+
+    /// Whether `name` is one of the pods and not terminating.
+    pub fn is_live(&self, name: &str) -> bool {
+        self.pods
+            .get(name)
+            .is_some_and(|pod| pod.terminating.is_none())
     }
 
     fn live(&self) -> impl Iterator<Item = (&String, &Running)> {

@@ -77,6 +77,8 @@ impl FakeApiServer {
         }
         let template = Template::of(self.object(Kind::Deployments, "backend").as_ref())?;
         *self.shared.logs.lock().unwrap() = Some(local.state.join("pods"));
+        let graceful = &self.shared.graceful_pods;
+        graceful.store(true, std::sync::atomic::Ordering::Relaxed);
         let namespace = self.shared.namespace.clone();
         let kubelet = Kubelet::new(
             local.backend,
@@ -135,12 +137,31 @@ async fn reconcile(api: &super::Handle, kubelet: &mut Kubelet) {
         .map(|c| c["data"].clone())
         .unwrap_or(Value::Null);
     kubelet.configure(&config);
-    // A pod whose object was deleted (kubectl delete pod) starts terminating.
-    let listed: Vec<String> = api.names(Kind::Pods);
-    kubelet.terminate_unlisted(&listed);
-    kubelet.scale(desired, |name| api.remove(Kind::Pods, name));
-    kubelet.tend().await;
-    for pod in kubelet.pod_objects() {
+    // A pod marked for deletion (kubectl delete pod), or gone, terminates.
+    let deleted = |name: &String| {
+        api.object(Kind::Pods, name)
+            .is_none_or(|pod| pod["metadata"]["deletionTimestamp"].is_string())
+    };
+    kubelet.terminate_deleted(deleted);
+    kubelet.scale(desired, |name| api.begin_deletion(name));
+    for gone in kubelet.tend().await {
+        api.remove(Kind::Pods, &gone);
+    }
+    for mut pod in kubelet.pod_objects() {
+        // A pod being deleted keeps the mark the API server set.
+        let name = pod["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let Some(stored) = api
+            .object(Kind::Pods, &name)
+            .or_else(|| kubelet.is_live(&name).then(Value::default))
+        else {
+            continue; // deleted and already forgotten
+        };
+        if let Some(deleting) = stored["metadata"].get("deletionTimestamp") {
+            pod["metadata"]["deletionTimestamp"] = deleting.clone();
+        }
         api.put_if_changed(Kind::Pods, pod);
     }
     api.put_if_changed(Kind::Slices, endpoint_slice(kubelet, api.namespace()));

@@ -167,9 +167,16 @@ async fn kubectl_scale_3_to_5_to_2_and_the_rotation_follows() {
     cluster.wait_for_spread(5).await;
     cluster.kubectl(&["scale", "deployment/backend", "--replicas=2"]);
     let two = cluster.wait_for_spread(2).await;
-    let pods = cluster.kubectl(&["get", "pods", "-o", "jsonpath={.items[*].metadata.name}"]);
-    let listed: BTreeSet<String> = pods.split_whitespace().map(str::to_owned).collect();
-    assert_eq!(listed, two, "kubectl get pods lists the pods that serve");
+    // The pods scaled away are Terminating for their grace, then gone.
+    let listed = poll(PATIENCE, || {
+        let pods = cluster.kubectl(&["get", "pods", "-o", "jsonpath={.items[*].metadata.name}"]);
+        let listed: BTreeSet<String> = pods.split_whitespace().map(str::to_owned).collect();
+        (listed == two).then_some(listed)
+    });
+    assert!(
+        listed.is_some(),
+        "kubectl get pods comes to list the pods that serve, {two:?}"
+    );
     // The columns a cluster prints (the server's Table), two pods ready.
     let table = cluster.kubectl(&["get", "pods"]);
     assert!(
@@ -203,7 +210,12 @@ async fn a_deleted_pod_terminates_without_a_failed_request_and_a_killed_one_come
             failed
         })
     };
-    cluster.kubectl(&["delete", "pod", &deleted]);
+    cluster.kubectl(&["delete", "pod", &deleted, "--wait=false"]);
+    let shown = cluster.kubectl(&["get", "pod", &deleted]);
+    assert!(
+        shown.contains("Terminating"),
+        "kubectl shows it Terminating: {shown}"
+    );
     let terminating = poll(PATIENCE, || {
         cluster
             .endpoints()
