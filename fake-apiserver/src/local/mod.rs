@@ -12,8 +12,10 @@
 //!   ConfigMap written as the mounted file (a changed ConfigMap is swapped
 //!   in through the `..data` symlink, as the kubelet does); it is ready when
 //!   its readiness probe passes, restarted when it dies (`restartPolicy:
-//!   Always`), and on deletion waits out `preStop`, gets SIGTERM, and is
-//!   killed after the grace period; its output is `kubectl logs`;
+//!   Always`), and on deletion (its object marked `Terminating`, as the API
+//!   server marks a pod with a grace period) waits out `preStop`, gets
+//!   SIGTERM, is killed after the grace period, and its object goes once
+//!   its process has; its output is `kubectl logs`;
 //! - the EndpointSlice controller: one slice for the `backend` Service,
 //!   rewritten when a pod turns ready, starts terminating or goes.
 //!
