@@ -26,7 +26,7 @@ help: ## List the targets
 
 # === Local, no cluster ===
 
-demo: ## Local demo, no cluster: 3 backends + load balancer on loopback, distribution printed
+demo: ## Scripted demo on the local stand-in cluster (no Docker): kubectl scale 3 -> 5 -> 2, one pod unready, the spread after each step
 	scripts/demo.sh
 
 local: ## A local stand-in cluster, no Docker: drive it with the real kubectl (Ctrl-C or make local-down stops it)
