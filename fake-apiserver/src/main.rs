@@ -1,10 +1,12 @@
 //! `fake-apiserver`: the stand-in Kubernetes API as a process, for
-//! `make demo`. It keeps objects in memory and serves list, watch, PUT and
-//! DELETE over the real wire protocol; it writes a kubeconfig that points
-//! at it, so the load balancer finds it exactly as it finds a real cluster.
+//! `make demo` and `make local`. It keeps objects in memory and serves
+//! list, watch, get, PUT, merge PATCH and DELETE over the real wire
+//! protocol; it writes a kubeconfig that points at it, so the load balancer
+//! and kubectl find it exactly as they find a real cluster. With `--local`
+//! it also runs the backend Deployment's pods (see `local/`).
 //!
 //! Watch what a load balancer sees, from another terminal:
-//! `curl -N 'http://127.0.0.1:6443/apis/discovery.k8s.io/v1/namespaces/demo/endpointslices?watch=1'`
+//! `curl -N 'http://127.0.0.1:6443/apis/discovery.k8s.io/v1/namespaces/lb-demo/endpointslices?watch=1'`
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
