@@ -678,18 +678,9 @@ fn patch_object(
         Ok(patch) => patch,
         Err(refused) => return refused.into_response(),
     };
-    let current = shared
-        .world
-        .lock()
-        .unwrap()
-        .objects
-        .entry(kind)
-        .or_default()
-        .get(&name)
-        .cloned();
-    let Some(mut object) = current.filter(|_| namespace == shared.namespace) else {
-        let message = format!("{} \"{name}\" not found", kind.qualified());
-        return status(StatusCode::NOT_FOUND, "NotFound", message);
+    let mut object = match stored(&shared, kind, &namespace, &name) {
+        Ok(object) => object,
+        Err(missing) => return missing.into_response(),
     };
     merge(&mut object, &patch);
     object["metadata"]["name"] = name.into();
@@ -745,11 +736,7 @@ fn delete_object(
     };
     match deleted {
         Some(gone) => ([("content-type", "application/json")], gone.to_string()).into_response(),
-        None => status(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            format!("{} \"{name}\" not found", kind.resource()),
-        ),
+        None => not_found(kind, &name).into_response(),
     }
 }
 
@@ -808,24 +795,35 @@ fn get_object(
     Path((namespace, name)): Path<(String, String)>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    let mut world = shared.world.lock().unwrap();
-    let found = (namespace == shared.namespace)
-        .then(|| world.objects.entry(kind).or_default().get(&name).cloned())
-        .flatten();
-    match found {
-        Some(object) if table::wanted(&headers) => {
+    match stored(&shared, kind, &namespace, &name) {
+        Ok(object) if table::wanted(&headers) => {
             let version = object["metadata"]["resourceVersion"]
                 .as_str()
                 .unwrap_or_default();
             Json(table::of(kind, &[&object], version)).into_response()
         }
-        Some(object) => Json(object).into_response(),
-        None => status(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            format!("{} \"{name}\" not found", kind.qualified()),
-        ),
+        Ok(object) => Json(object).into_response(),
+        Err(missing) => missing.into_response(),
     }
+}
+
+/// The object `name` of `kind` in `namespace`, or a NotFound in the real
+/// server's words (`endpointslices.discovery.k8s.io "x" not found`).
+fn stored(shared: &Shared, kind: Kind, namespace: &str, name: &str) -> Result<Value, Refused> {
+    let world = shared.world.lock().unwrap();
+    let found = world
+        .objects
+        .get(&kind)
+        .and_then(|objects| objects.get(name));
+    found
+        .filter(|_| namespace == shared.namespace)
+        .cloned()
+        .ok_or_else(|| not_found(kind, name))
+}
+
+fn not_found(kind: Kind, name: &str) -> Refused {
+    let message = format!("{} \"{name}\" not found", kind.qualified());
+    Refused(StatusCode::NOT_FOUND, "NotFound", message)
 }
 
 fn bad_request(message: String) -> Response {

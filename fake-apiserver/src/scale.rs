@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{Kind, Refused, Shared, change, merge_patch};
+use super::{Kind, Refused, Shared, change, merge_patch, stored};
 
 /// `GET .../deployments/{name}/scale`.
 pub fn get(
@@ -53,23 +53,7 @@ pub fn patch(
 }
 
 fn deployment(shared: &Shared, namespace: &str, name: &str) -> Result<Value, Refused> {
-    let found = (namespace == shared.namespace)
-        .then(|| {
-            shared
-                .world
-                .lock()
-                .unwrap()
-                .objects
-                .entry(Kind::Deployments)
-                .or_default()
-                .get(name)
-                .cloned()
-        })
-        .flatten();
-    found.ok_or_else(|| {
-        let message = format!("deployments.apps \"{name}\" not found");
-        Refused(StatusCode::NOT_FOUND, "NotFound", message)
-    })
+    stored(shared, Kind::Deployments, namespace, name)
 }
 
 /// The Deployment's replicas as an `autoscaling/v1` `Scale`.
