@@ -164,7 +164,12 @@ impl Handle {
     fn put_if_changed(&self, kind: Kind, object: Value) {
         let strip = |mut object: Value| {
             if let Some(metadata) = object["metadata"].as_object_mut() {
-                for field in ["resourceVersion", "creationTimestamp", "namespace"] {
+                for field in [
+                    "resourceVersion",
+                    "creationTimestamp",
+                    "deletionTimestamp",
+                    "namespace",
+                ] {
                     metadata.remove(field);
                 }
             }
@@ -518,6 +523,13 @@ fn change(shared: &Shared, kind: Kind, mut object: Value) -> Value {
                 .into()
         });
     object["metadata"]["creationTimestamp"] = created;
+    // As on the real server, a deletion once begun cannot be taken back.
+    let deleting = collection
+        .get(&name)
+        .and_then(|old| old["metadata"].get("deletionTimestamp"));
+    if let Some(deleting) = deleting.filter(|at| at.is_string()) {
+        object["metadata"]["deletionTimestamp"] = deleting.clone();
+    }
     if kind == Kind::Servers
         && let Some(status) = collection.get(&name).and_then(|old| old.get("status"))
     {

@@ -149,22 +149,12 @@ async fn reconcile(api: &super::Handle, kubelet: &mut Kubelet) {
     for gone in kubelet.tend().await {
         api.remove(Kind::Pods, &gone);
     }
-    for mut pod in kubelet.pod_objects() {
-        // A pod being deleted keeps the mark the API server set.
-        let name = pod["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        let Some(stored) = api
-            .object(Kind::Pods, &name)
-            .or_else(|| kubelet.is_live(&name).then(Value::default))
-        else {
-            continue; // deleted and already forgotten
-        };
-        if let Some(deleting) = stored["metadata"].get("deletionTimestamp") {
-            pod["metadata"]["deletionTimestamp"] = deleting.clone();
+    for pod in kubelet.pod_objects() {
+        // A terminating pod whose object is gone is not written back.
+        let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+        if kubelet.is_live(name) || api.object(Kind::Pods, name).is_some() {
+            api.put_if_changed(Kind::Pods, pod);
         }
-        api.put_if_changed(Kind::Pods, pod);
     }
     api.put_if_changed(Kind::Slices, endpoint_slice(kubelet, api.namespace()));
     if let Some(mut deployment) = deployment {
